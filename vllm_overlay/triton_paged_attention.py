@@ -53,6 +53,10 @@ __all__ = [
 FP8_E4M3_MAX = 448.0
 # Read once at import, like triton.jit itself: under the interpreter, dots run on fp32 upcasts.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Pre-round fp32 -> e4m3 grid before the cast. Required under the interpreter (its cast is wrong);
+# on GPUs the cast (cvt.rn.satfinite) is already exact RNE, but the pre-round is kept by default
+# (cheap, exact, identical bits). Module-level switch, read at launch.
+PRE_ROUND_FP8 = True
 _LOG2E = 1.4426950408889634
 
 
@@ -84,11 +88,17 @@ def _round_to_e4m3_grid(y):
 
 
 @triton.jit
-def _quant_e4m3(y, inv_scale):
-    """fp32 ``y`` -> e4m3fn values (as fp32 on the e4m3 grid): round(clamp(y * inv_scale))."""
+def _quant_e4m3(y, inv_scale, PRE_ROUND: tl.constexpr):
+    """fp32 ``y`` -> clamp(y * inv_scale) rounded to the e4m3 grid (still fp32) when PRE_ROUND.
+
+    Without PRE_ROUND the caller's cast does the RNE rounding (hardware cvt.rn.satfinite: exact);
+    with it the value is already representable, so any cast (the interpreter's too) is exact.
+    """
     y = y * inv_scale
     y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    return _round_to_e4m3_grid(y)
+    if PRE_ROUND:
+        y = _round_to_e4m3_grid(y)
+    return y
 
 
 @triton.jit
@@ -145,18 +155,19 @@ def static_fp8_quant_reference(x: torch.Tensor, scale) -> torch.Tensor:
 
 
 @triton.jit
-def _static_fp8_quant_kernel(X, Y, scale, N, SCALE_IS_PTR: tl.constexpr, BLOCK: tl.constexpr):
+def _static_fp8_quant_kernel(X, Y, scale, N, SCALE_IS_PTR: tl.constexpr, BLOCK: tl.constexpr,
+                             PRE_ROUND: tl.constexpr):
     """X: [N] bf16/fp16/fp32 contiguous, Y: [N] fp8e4nv; Y = quant(X * (1/scale))."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inv = _load_inv_scale(scale, SCALE_IS_PTR)
     if pid * BLOCK + BLOCK <= N:
         x = tl.load(X + offs).to(tl.float32)
-        tl.store(Y + offs, _quant_e4m3(x, inv).to(tl.float8e4nv))
+        tl.store(Y + offs, _quant_e4m3(x, inv, PRE_ROUND).to(tl.float8e4nv))
     else:
         mask = offs < N
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + offs, _quant_e4m3(x, inv).to(tl.float8e4nv), mask=mask)
+        tl.store(Y + offs, _quant_e4m3(x, inv, PRE_ROUND).to(tl.float8e4nv), mask=mask)
 
 
 _QUANT_CFG = {"BLOCK": 4096, "num_warps": 4}
@@ -176,7 +187,8 @@ def static_fp8_quant(out: torch.Tensor, x: torch.Tensor, scale) -> None:
         return
     blk = _QUANT_CFG["BLOCK"]
     _static_fp8_quant_kernel[(triton.cdiv(n, blk),)](
-        x, out, scale, n, SCALE_IS_PTR=scale_is_ptr, BLOCK=blk, num_warps=_QUANT_CFG["num_warps"])
+        x, out, scale, n, SCALE_IS_PTR=scale_is_ptr, BLOCK=blk, PRE_ROUND=PRE_ROUND_FP8 or _INTERPRET,
+        num_warps=_QUANT_CFG["num_warps"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,14 +235,14 @@ def _kv_tile_loop(acc, l_i, m_i, q, K, V, bt_row, k_head_off, v_head_off,
             qk = tl.dot(q.to(tl.float32), tl.trans(k.to(q.dtype).to(tl.float32)))
         else:
             qk = tl.dot(q, tl.trans(k.to(q.dtype)))
-        qk = qk * qk_scale
         if MASKED:
             vis = n[None, :] <= pos[:, None]
             if SLIDING_WINDOW > 0:
                 vis = vis & (n[None, :] > pos[:, None] - SLIDING_WINDOW)
             qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        # scale folded into the exp2 argument (one FMA per score); m_i is in scaled log2 units
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -254,14 +266,14 @@ def _kv_tile_loop(acc, l_i, m_i, q, K, V, bt_row, k_head_off, v_head_off,
 
 @triton.jit
 def _store_output(Out, o_ptrs, o, mask, inv_out_scale,
-                  OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr):
+                  OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr, PRE_ROUND: tl.constexpr):
     """o: fp32 final attention values. FP8: round through the query dtype, then static quant."""
     if OUT_FP8:
         if Q_BF16:
             o = o.to(tl.bfloat16).to(tl.float32)
         else:
             o = o.to(tl.float16).to(tl.float32)
-        tl.store(o_ptrs, _quant_e4m3(o, inv_out_scale).to(tl.float8e4nv), mask=mask)
+        tl.store(o_ptrs, _quant_e4m3(o, inv_out_scale, PRE_ROUND).to(tl.float8e4nv), mask=mask)
     else:
         tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=mask)
 
@@ -280,6 +292,7 @@ def _paged_attn_fwd_kernel(
     KS_PTR: tl.constexpr, VS_PTR: tl.constexpr, OS_PTR: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
     OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr,
     SEQ_GRID: tl.constexpr, SKIP_DECODE: tl.constexpr, USE_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    PRE_ROUND: tl.constexpr,
 ):
     """One program: BLOCK_Q query tokens x the G query heads of one KV head (rows = BLOCK_M >= BLOCK_Q*G).
 
@@ -290,7 +303,11 @@ def _paged_attn_fwd_kernel(
     axis1 = KV head; axis2 = KV split (USE_SPLIT: fp32 partials to WsAcc [B, Hq, S, D_PAD] and
     WsML [B, Hq, S, 2] (m, l), merged and quantized by _split_reduce_kernel).
     """
-    pid = tl.program_id(0)
+    if SEQ_GRID:
+        pid = tl.program_id(0)
+    else:
+        # reversed: the last (longest causal) q tiles of the last sequences start first
+        pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
     sid = tl.program_id(2)
 
@@ -327,7 +344,7 @@ def _paged_attn_fwd_kernel(
             o_ptrs = Out + tok.to(tl.int64)[:, None] * stride_ot + q_head[:, None] * stride_oh \
                 + offs_d[None, :]
             zero = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
-            _store_output(Out, o_ptrs, zero, pmask[:, None] & dmask[None, :], 1.0, OUT_FP8, Q_BF16)
+            _store_output(Out, o_ptrs, zero, pmask[:, None] & dmask[None, :], 1.0, OUT_FP8, Q_BF16, PRE_ROUND)
             q_len = q_start * 0
             active = q_start < 0
         else:
@@ -422,7 +439,7 @@ def _paged_attn_fwd_kernel(
             else:
                 inv_os = 1.0
             o_ptrs = Out + q_tok[:, None] * stride_ot + q_head[:, None] * stride_oh + offs_d[None, :]
-            _store_output(Out, o_ptrs, o, row_valid[:, None] & dmask[None, :], inv_os, OUT_FP8, Q_BF16)
+            _store_output(Out, o_ptrs, o, row_valid[:, None] & dmask[None, :], inv_os, OUT_FP8, Q_BF16, PRE_ROUND)
 
 
 @triton.jit
@@ -430,7 +447,7 @@ def _split_reduce_kernel(
     Out, WsAcc, WsML, QSL, v_scale, out_scale, num_splits, stride_ot, stride_oh,
     NUM_Q_HEADS: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr, VS_PTR: tl.constexpr, OS_PTR: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
-    OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr,
+    OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr, PRE_ROUND: tl.constexpr,
 ):
     """Merge split-KV partials of decode sequences and run the epilogue (quant happens once, here).
 
@@ -460,7 +477,7 @@ def _split_reduce_kernel(
         else:
             inv_os = 1.0
         o_ptrs = Out + q_start.to(tl.int64) * stride_ot + h * stride_oh + offs_d
-        _store_output(Out, o_ptrs, o, offs_d < HEAD_D, inv_os, OUT_FP8, Q_BF16)
+        _store_output(Out, o_ptrs, o, offs_d < HEAD_D, inv_os, OUT_FP8, Q_BF16, PRE_ROUND)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -487,11 +504,15 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _prefill_config(head_d_pad: int, g: int, kv_fp8: bool) -> dict:
+def _prefill_config(head_d_pad: int, g: int, kv_fp8: bool, max_query_len: int) -> dict:
+    # hand-picked on H100 / triton 3.6 (benchmarks/attention_quant.py --sweep)
     if head_d_pad <= 64:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     elif head_d_pad <= 128:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        if max_query_len <= 1024:
+            cfg = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4)
+        else:
+            cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _next_pow2(g), 16)
@@ -501,7 +522,7 @@ def _prefill_config(head_d_pad: int, g: int, kv_fp8: bool) -> dict:
 
 def _decode_config(head_d_pad: int, g: int, kv_fp8: bool) -> dict:
     if head_d_pad <= 128:
-        cfg = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+        cfg = dict(BLOCK_N=64, num_warps=2, num_stages=4)
     else:
         cfg = dict(BLOCK_N=32, num_warps=4, num_stages=2)
     cfg["BLOCK_M"] = max(16, _next_pow2(g))
@@ -621,7 +642,7 @@ def paged_attention(
     common = dict(
         G=G, NUM_Q_HEADS=Hq, HEAD_D=D, HEAD_D_PAD=d_pad, KV_BLOCK_SIZE=bs, SLIDING_WINDOW=sw,
         KS_PTR=ks_ptr, VS_PTR=vs_ptr, OS_PTR=os_ptr, HAS_KV_SCALE=has_kv_scale,
-        OUT_FP8=out_fp8, Q_BF16=q_bf16, DOT_F32=_INTERPRET,
+        OUT_FP8=out_fp8, Q_BF16=q_bf16, DOT_F32=_INTERPRET, PRE_ROUND=PRE_ROUND_FP8 or _INTERPRET,
     )
     strides = (query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -630,7 +651,7 @@ def paged_attention(
 
     pure_decode = max_query_len <= 1
     if not pure_decode:
-        cfg = _prefill_config(d_pad, G, kv_fp8)
+        cfg = _prefill_config(d_pad, G, kv_fp8, max_query_len)
         block_m = cfg["BLOCK_M"]
         block_q = max(1, block_m // G)
         grid = (triton.cdiv(T, block_q) + B, Hkv, 1)
@@ -647,7 +668,8 @@ def paged_attention(
 
     # decode sequences (q_len == 1), possibly split over KV
     cfg = _decode_config(d_pad, G, kv_fp8)
-    splits = _num_splits(B, Hkv, max_seq_len, cfg["BLOCK_N"], _num_sms(query.device))
+    # mixed batches: the prefill tiles already fill the GPU, so decodes are not split
+    splits = _num_splits(B, Hkv, max_seq_len, cfg["BLOCK_N"], _num_sms(query.device)) if pure_decode else 1
     use_split = splits > 1
     if use_split:
         ws_acc = torch.empty((B, Hq, splits, d_pad), dtype=torch.float32, device=query.device)
@@ -665,7 +687,7 @@ def paged_attention(
             out, ws_acc, ws_ml, query_start_loc, vs_arg, os_arg, splits, out.stride(0), out.stride(1),
             NUM_Q_HEADS=Hq, HEAD_D=D, HEAD_D_PAD=d_pad, SPLITS_PAD=max(2, _next_pow2(splits)),
             VS_PTR=vs_ptr, OS_PTR=os_ptr, HAS_KV_SCALE=has_kv_scale, OUT_FP8=out_fp8, Q_BF16=q_bf16,
-            num_warps=4)
+            PRE_ROUND=PRE_ROUND_FP8 or _INTERPRET, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------------
