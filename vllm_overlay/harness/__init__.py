@@ -1,0 +1,1 @@
+"""Test and benchmark harness helpers (tiny local checkpoints, CPU stubs)."""
