@@ -1,10 +1,9 @@
-"""Tests for vllm_overlay/harness/tiny_checkpoint.py (CPU only, offline).
+"""Tests for cpu_harness/tiny_checkpoint.py (CPU only, offline).
 
 The module is loaded from its file so that these tests do not run the
 overlay's ``install()`` (``import vllm_overlay`` patches vLLM).
 """
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -19,22 +18,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SRC = ROOT / "vllm_overlay" / "harness" / "tiny_checkpoint.py"
+from cpu_harness import tiny_checkpoint as tc  # noqa: E402
 
-
-def _load_module():
-    name = "_tiny_checkpoint_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SRC)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tc = _load_module()
 
 ARCHS = ("llama", "qwen2", "mistral")
 FMTS = ("fp8", "compressed-tensors", "fp8-dynamic")
@@ -190,14 +175,14 @@ def test_determinism_and_seed(tmp_path):
 
 
 def test_cli_in_fresh_process_is_byte_identical(tmp_path, built):
-    """``python -m vllm_overlay.harness.tiny_checkpoint`` in a fresh process
+    """``python -m cpu_harness.tiny_checkpoint`` in a fresh process
     (new hash seeds, package import) writes the same bytes as an in-process
     build."""
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "-m",
-                        "vllm_overlay.harness.tiny_checkpoint", str(out),
+                        "cpu_harness.tiny_checkpoint", str(out),
                         "--arch", "llama", "--fmt", "fp8"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith(str(out))

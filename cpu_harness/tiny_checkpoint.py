@@ -35,7 +35,7 @@ on the BLAS reduction order of the machine.
 
 Same arguments -> byte-identical files.
 
-CLI: ``python -m vllm_overlay.harness.tiny_checkpoint OUT_DIR [--arch llama]
+CLI: ``python -m cpu_harness.tiny_checkpoint OUT_DIR [--arch llama]
 [--fmt fp8] ...``  (the file can also be run directly as a script).
 """
 import argparse

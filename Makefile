@@ -1,0 +1,30 @@
+# vllm_overlay: attention + FP8 output-quant fusion for vLLM 0.8.5.post1.
+#   make demo   build the embedded tiny FP8 model, compile it, print the fusion report
+#   make test   the CPU test suite (sets up .venv first)
+PYTHON_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup test demo patches clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q pip==24.3.1 setuptools==65.5.0 wheel==0.45.1
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(PY) -m vllm_overlay report
+
+patches: setup
+	$(PY) tools/make_patches.py
+
+clean:
+	rm -rf $(VENV) build out

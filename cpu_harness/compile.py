@@ -1,0 +1,391 @@
+"""Compile a real vLLM 0.8.5 model through ``VllmBackend`` on a CPU.
+
+``compile_model(spec)`` builds the model class vLLM would build for a tiny
+HF config (FP8 linear layers with static activation scales by default)
+inside a real ``VllmConfig``, triggers ``@support_torch_compile`` with a
+forward call, lets vLLM's own ``VllmBackend`` split the Dynamo graph and
+compile every piece with Inductor (post-grad passes included), and stops
+before the compiled model would run a CUDA kernel.  It returns the graphs
+vLLM produced:
+
+    dynamo graph --split_graph--> pieces --Inductor--> post-grad graphs
+
+Configurations:
+  ``piecewise``  vLLM V1 as shipped: the two attention ops split the graph;
+  ``full``       one graph (``splitting_ops=[]``), as V0 compiles and as
+                 upstream later fused attention + quant.
+"""
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import socket
+import tempfile
+from collections import Counter
+from typing import Optional
+
+import cpu_harness
+
+ATTENTION_OPS = ("vllm.unified_attention", "vllm.unified_attention_with_output")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    arch: str = "llama"              # key of tiny_checkpoint.ARCHS
+    num_layers: int = 2
+    mode: str = "piecewise"          # "piecewise" | "full"
+    engine: str = "v1"               # "v1" | "v0" (VLLM_USE_V1)
+    attention_backend: str = "TRITON_ATTN_VLLM_V1"
+    fmt: str = "fp8"                 # tiny_checkpoint format
+    pass_config: tuple = ()          # ((field, value), ...) set after VllmConfig init
+    tp_size: int = 1
+    tp_rank: int = 0
+
+
+@dataclasses.dataclass
+class Piece:
+    name: str
+    is_splitting_graph: bool          # vLLM's SplitItem flag: runs eagerly
+    graph: object                     # fx.GraphModule of the piece (Dynamo level)
+
+
+@dataclasses.dataclass
+class PostGrad:
+    before: str                       # graph code before vLLM's post-grad passes
+    after: object                     # fx.Graph after them
+    targets_before: list
+    targets_after: list
+
+
+@dataclasses.dataclass
+class CompiledModel:
+    spec: ModelSpec
+    vllm_config: object
+    model: object
+    backend: object                   # the VllmBackend that compiled it
+    dynamo_graph: object
+    pieces: list
+    post_grad: list
+
+    def piece_ops(self, piece):
+        return op_counts(piece.graph.graph)
+
+    def dynamo_ops(self):
+        return op_counts(self.dynamo_graph.graph)
+
+    def post_grad_ops(self):
+        total = Counter()
+        for pg in self.post_grad:
+            total.update(pg.targets_after)
+        return total
+
+
+def op_name(node):
+    """Name of a call_function node's op: '_C.static_scaled_fp8_quant',
+    'vllm.unified_attention_with_output', 'aten.reshape', 'getitem', ..."""
+    if node.op != "call_function":
+        return None
+    return op_name_of(node.target)
+
+
+def op_name_of(target):
+    import torch
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket,
+                           torch._ops.HigherOrderOperator)):
+        name = str(target)
+        return name[:-len(".default")] if name.endswith(".default") else name
+    return getattr(target, "__name__", str(target))
+
+
+def auto_functionalized_target(node):
+    """Name of the op wrapped by an auto_functionalized node, else None."""
+    if op_name(node) in ("auto_functionalized", "higher_order.auto_functionalized"):
+        return op_name_of(node.args[0])
+    return None
+
+
+def op_counts(graph):
+    """Count ops, looking through auto_functionalized wrappers."""
+    counts = Counter()
+    for node in graph.nodes:
+        name = auto_functionalized_target(node) or op_name(node)
+        if name:
+            counts[name] += 1
+    return counts
+
+
+class _CompiledStop(Exception):
+    """Raised right after VllmBackend compiled the model (nothing executes)."""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_dist_ready = None
+
+
+def _init_distributed(tp_size, tp_rank, init_method=None):
+    global _dist_ready
+    from vllm.distributed import (ensure_model_parallel_initialized,
+                                  init_distributed_environment)
+    if _dist_ready is None:
+        init_distributed_environment(
+            world_size=tp_size, rank=tp_rank, local_rank=tp_rank,
+            distributed_init_method=init_method or f"tcp://127.0.0.1:{_free_port()}",
+            backend="gloo")
+        ensure_model_parallel_initialized(tp_size, 1)
+        _dist_ready = (tp_size, tp_rank)
+    elif _dist_ready != (tp_size, tp_rank):
+        raise RuntimeError(f"process already initialised for TP {_dist_ready}")
+
+
+def setup_process(work_dir=None):
+    """Environment for compiling on CPU; call before importing vLLM."""
+    cpu_harness.activate()
+    work_dir = pathlib.Path(work_dir or tempfile.mkdtemp(prefix="vllm_harness_"))
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_DISABLE_COMPILE_CACHE": "1",
+        "VLLM_CACHE_ROOT": str(work_dir / "vllm_cache"),
+        "TORCHINDUCTOR_CACHE_DIR": str(work_dir / "inductor"),
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+    }
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    import torch._inductor.config as inductor_config
+    inductor_config.fx_graph_cache = False
+    inductor_config.autotune_local_cache = False
+    return work_dir
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _fill_fp8_weights(model, seed):
+    """Random FP8 weights and realistic scales, set after vLLM processed them."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.dtype != torch.float8_e4m3fn:
+                continue
+            w = torch.randn(weight.shape, generator=gen) * 0.5
+            weight.copy_(w.clamp(-448, 448).to(torch.float8_e4m3fn))
+            for name, value in (("weight_scale", 0.02), ("input_scale", 0.05)):
+                scale = getattr(module, name, None)
+                if isinstance(scale, torch.Tensor):
+                    scale.fill_(value)
+
+
+def _build_vllm_config(spec, model_dir):
+    from vllm.config import (CacheConfig, CompilationConfig, CompilationLevel,
+                             DeviceConfig, LoadConfig, ModelConfig,
+                             ParallelConfig, SchedulerConfig, VllmConfig)
+    model_config = ModelConfig(
+        model=str(model_dir), task="generate", tokenizer=str(model_dir),
+        tokenizer_mode="auto", trust_remote_code=False, dtype="bfloat16",
+        seed=0, skip_tokenizer_init=True, max_model_len=256)
+    compilation_config = CompilationConfig(level=CompilationLevel.PIECEWISE)
+    if spec.mode == "full":
+        compilation_config.splitting_ops = []
+    vllm_config = VllmConfig(
+        model_config=model_config,
+        cache_config=CacheConfig(block_size=16, gpu_memory_utilization=0.9,
+                                 swap_space=0, cache_dtype="auto"),
+        parallel_config=ParallelConfig(tensor_parallel_size=spec.tp_size),
+        scheduler_config=SchedulerConfig(max_num_batched_tokens=256,
+                                         max_num_seqs=8, max_model_len=256),
+        device_config=DeviceConfig(device="cuda"),
+        load_config=LoadConfig(load_format="dummy"),
+        compilation_config=compilation_config,
+    )
+    if spec.mode == "full":
+        # V1's post-init re-adds the attention ops when the list is empty.
+        vllm_config.compilation_config.splitting_ops = []
+    for field, value in spec.pass_config:
+        setattr(vllm_config.compilation_config.pass_config, field, value)
+    vllm_config.parallel_config.rank = spec.tp_rank
+    return vllm_config
+
+
+def _set_compile_dirs(vllm_config, work_dir, spec):
+    """Explicit cache dirs; Inductor's output must live inside vLLM's.
+
+    With its cache disabled, vLLM's Inductor adaptor searches the compiled
+    function's closure for the generated file unless that file sits under
+    the compile cache dir; CPU code has no closure (TypeError).  Inductor's
+    FX graph cache would also let identical layers skip the post-grad passes.
+    """
+    compilation_config = vllm_config.compilation_config
+    compilation_config.cache_dir = str(work_dir / "compile" / spec_key(spec))
+    compilation_config.inductor_compile_config["fx_graph_cache"] = False
+    local = os.path.join(compilation_config.cache_dir, f"rank_{spec.tp_rank}_0")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local, "inductor")
+
+
+def spec_key(spec):
+    return "-".join(str(v) for v in dataclasses.astuple(spec)).replace(" ", "")
+
+
+def compile_model(spec: ModelSpec = ModelSpec(), work_dir=None,
+                  dist_init_method: Optional[str] = None) -> CompiledModel:
+    """Build, compile and capture; see the module docstring."""
+    work_dir = setup_process(work_dir)
+    backend_env = {"VLLM_USE_V1": "1" if spec.engine == "v1" else "0",
+                   "VLLM_ATTENTION_BACKEND": spec.attention_backend}
+    with _env(**backend_env):
+        return _compile(spec, work_dir, dist_init_method)
+
+
+def _compile(spec, work_dir, dist_init_method):
+    import torch
+    import vllm.compilation.backends as backends
+    from vllm.compilation.pass_manager import PostGradPassManager
+    from vllm.config import CompilationConfig, set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+    from vllm.model_executor.model_loader.utils import (
+        get_model_architecture, set_default_torch_dtype)
+
+    from cpu_harness.tiny_checkpoint import build_checkpoint
+
+    model_dir = work_dir / f"{spec.arch}-{spec.fmt}-{spec.num_layers}l"
+    if not (model_dir / "config.json").exists():
+        build_checkpoint(model_dir, arch=spec.arch, num_layers=spec.num_layers,
+                         fmt=spec.fmt)
+    vllm_config = _build_vllm_config(spec, model_dir)
+    _set_compile_dirs(vllm_config, work_dir, spec)
+    _init_distributed(spec.tp_size, spec.tp_rank, dist_init_method)
+
+    # VllmBackend asks CUDA for a graph pool at construction: give it a token.
+    if backends.global_graph_pool is None:
+        backends.global_graph_pool = object()
+
+    captured = {}
+    post_grad = []
+    orig_init_backend = CompilationConfig.init_backend
+    orig_pass_call = PostGradPassManager.__call__
+
+    def init_backend(self, cfg):
+        vllm_backend = orig_init_backend(self, cfg)
+
+        def stop_after_compile(graph, example_inputs):
+            vllm_backend(graph, example_inputs)
+            captured["backend"] = vllm_backend
+            raise _CompiledStop()
+
+        return stop_after_compile
+
+    def pass_call(self, graph):
+        before = str(graph)
+        targets_before = _targets(graph)
+        orig_pass_call(self, graph)
+        post_grad.append(PostGrad(before, graph, targets_before, _targets(graph)))
+
+    CompilationConfig.init_backend = init_backend
+    PostGradPassManager.__call__ = pass_call
+    try:
+        with set_current_vllm_config(vllm_config), \
+                set_default_torch_dtype(torch.bfloat16):
+            model_cls, _ = get_model_architecture(vllm_config.model_config)
+            model = model_cls(vllm_config=vllm_config)
+        for module in model.modules():
+            quant_method = getattr(module, "quant_method", None)
+            if quant_method is not None and hasattr(quant_method,
+                                                    "process_weights_after_loading"):
+                quant_method.process_weights_after_loading(module)
+        _fill_fp8_weights(model, seed=0)
+        num_tokens = 8
+        input_ids = torch.randint(0, 100, (num_tokens, ), dtype=torch.long)
+        positions = torch.arange(num_tokens, dtype=torch.long)
+        with set_current_vllm_config(vllm_config), torch.inference_mode(), \
+                set_forward_context(None, vllm_config):
+            try:
+                model(input_ids, positions)
+            except Exception as exc:  # Dynamo wraps backend exceptions
+                if not _is_stop(exc):
+                    raise
+    finally:
+        CompilationConfig.init_backend = orig_init_backend
+        PostGradPassManager.__call__ = orig_pass_call
+    if "backend" not in captured:
+        raise RuntimeError("VllmBackend was never called: nothing compiled")
+    vllm_backend = captured["backend"]
+    pieces = [Piece(item.submod_name, item.is_splitting_graph, item.graph)
+              for item in vllm_backend.piecewise_graphs]
+    return CompiledModel(spec, vllm_config, model, vllm_backend,
+                         vllm_backend.graph, pieces, post_grad)
+
+
+def _targets(graph):
+    return [name for node in graph.nodes
+            if (name := auto_functionalized_target(node) or op_name(node))]
+
+
+def _is_stop(exc):
+    while exc is not None:
+        if isinstance(exc, _CompiledStop):
+            return True
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__
+    return False
+
+
+def summarize(compiled: CompiledModel) -> dict:
+    """A JSON-able summary, comparable across processes."""
+    return {
+        "spec": dataclasses.asdict(compiled.spec),
+        "dynamo_ops": dict(compiled.dynamo_ops()),
+        "pieces": [{"name": p.name, "is_splitting_graph": p.is_splitting_graph,
+                    "ops": dict(op_counts(p.graph.graph)), "code": p.graph.code}
+                   for p in compiled.pieces],
+        "post_grad": [{"targets_before": pg.targets_before,
+                       "targets_after": pg.targets_after, "before": pg.before,
+                       "after": str(pg.after)} for pg in compiled.post_grad],
+    }
+
+
+def compile_in_subprocess(spec: ModelSpec, plugins: str = "cpu_harness",
+                          timeout=900) -> dict:
+    """Compile in a fresh process where only ``plugins`` load (stock vLLM by
+    default: the overlay's entry point is not among them); return summarize()."""
+    import subprocess
+    import sys
+    with tempfile.TemporaryDirectory(prefix="vllm_harness_sub_") as tmp:
+        out = pathlib.Path(tmp) / "summary.json"
+        env = dict(os.environ, VLLM_PLUGINS=plugins)
+        for key in ("TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT"):
+            env.pop(key, None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "cpu_harness.compile", json.dumps(
+                dataclasses.asdict(spec)), str(out), tmp],
+            env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"harness subprocess failed:\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def _main(argv):
+    fields = json.loads(argv[0])
+    fields["pass_config"] = tuple(tuple(kv) for kv in fields.get("pass_config", ()))
+    compiled = compile_model(ModelSpec(**fields), work_dir=argv[2])
+    pathlib.Path(argv[1]).write_text(json.dumps(summarize(compiled)))
+
+
+if __name__ == "__main__":
+    import sys
+    _main(sys.argv[1:])

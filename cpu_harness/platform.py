@@ -1,0 +1,39 @@
+"""A CUDA-like vLLM platform for the CPU harness (a stand-in for detection).
+
+vLLM 0.8.5 detects CUDA through NVML; without a GPU it would pick no
+platform, call attention directly (no custom op) and fall back to Marlin for
+FP8.  This platform is vLLM's own ``CudaPlatformBase`` with a fixed device:
+an sm_90 GPU.  It is selected only when the harness is active.
+"""
+import os
+
+from vllm.platforms.cuda import CudaPlatformBase
+from vllm.platforms.interface import DeviceCapability
+
+
+class HarnessPlatform(CudaPlatformBase):
+
+    @classmethod
+    def get_device_capability(cls, device_id: int = 0):
+        return DeviceCapability(major=9, minor=0)
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        return "cpu-harness (stands in for an sm_90 GPU)"
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        return 80 << 30
+
+    @classmethod
+    def is_fully_connected(cls, physical_device_ids) -> bool:
+        return True
+
+
+def platform_plugin():
+    """``vllm.platform_plugins`` entry point: active only in harness processes."""
+    from cpu_harness import ENV_FLAG, activate
+    if os.environ.get(ENV_FLAG) != "1":
+        return None
+    activate()
+    return "cpu_harness.platform.HarnessPlatform"

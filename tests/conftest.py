@@ -1,0 +1,50 @@
+"""Test session setup: GPU-less harness first, then vLLM and the overlay.
+
+Compiled models are session-scoped: each configuration compiles once per
+test run (about a minute each on two cores).
+"""
+import os
+
+import pytest
+
+import cpu_harness
+
+if not cpu_harness.real_driver_present():
+    cpu_harness.activate()
+    # Triton kernels run in the interpreter where there is no GPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from cpu_harness.compile import (ModelSpec, compile_in_subprocess,  # noqa: E402
+                                 compile_model, setup_process)
+
+WORK_DIR = setup_process()
+
+
+class _Cache:
+    def __init__(self, build):
+        self.build, self.items = build, {}
+
+    def __call__(self, spec):
+        if spec not in self.items:
+            self.items[spec] = self.build(spec)
+        return self.items[spec]
+
+
+@pytest.fixture(scope="session")
+def stock_compiled():
+    """spec -> summary of the graphs stock vLLM compiles (fresh process,
+    overlay entry point not loaded)."""
+    return _Cache(compile_in_subprocess)
+
+
+@pytest.fixture(scope="session")
+def overlay_compiled():
+    """spec -> CompiledModel compiled in this process with the overlay on."""
+    import vllm_overlay
+    vllm_overlay.install()
+    return _Cache(lambda spec: compile_model(spec, work_dir=WORK_DIR))
+
+
+@pytest.fixture(scope="session")
+def spec_factory():
+    return ModelSpec

@@ -1,0 +1,7 @@
+"""(placeholder: implemented in a later step)."""
+VLLM_TARGET = None
+VLLM_HOOKS = ()
+
+
+def install():
+    pass

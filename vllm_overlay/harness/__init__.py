@@ -1,1 +1,0 @@
-"""Test and benchmark harness helpers (tiny local checkpoints, CPU stubs)."""
