@@ -26,10 +26,12 @@ unfused path writes.  The fused output is therefore bit-identical to
 ``static_fp8_quant(paged_attention(..., out=bf16))`` of this same kernel.  NaN inputs are not
 specified (the clamp's NaN handling differs between backends).
 
-The fp32 -> e4m3 conversion is done as: clamp to [-448, 448], round to the e4m3 grid in fp32 with
-exact arithmetic (``_round_to_e4m3_grid``), then cast.  The cast of an already representable value is
-exact on hardware, and it sidesteps the TRITON_INTERPRET=1 converter, which rounds ties away from
-zero and drops the mantissa carry in triton 3.2 and 3.6.
+The fp32 -> e4m3 conversion: clamp to [-448, 448], round to the e4m3 grid in fp32 with exact
+arithmetic (``_round_to_e4m3_grid``), then cast.  The cast of an already representable value is exact
+everywhere, which sidesteps the TRITON_INTERPRET=1 converter (it rounds ties away from zero and drops
+the mantissa carry in triton 3.2 and 3.6).  On GPUs with triton >= 3.3 the pre-round is skipped: the
+hardware cast (cvt.rn.satfinite) is itself exact RNE, verified bit-exact on H100 / triton 3.6; see
+``PRE_ROUND_FP8``.
 
 Validation is cheap and host-side only (dtypes, ranks, shapes, strides): ``output_scale`` values are
 NOT checked (a host check would force a device sync); a scale <= 0 or non-finite gives garbage.
@@ -749,3 +751,9 @@ def reference_paged_attention(
         p = torch.softmax(scores, dim=-1)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", p, v)
     return out
+
+
+# vllm_overlay module contract (see vllm_overlay/__init__.py): the patch
+# series copies this file into vLLM; it hooks nothing.
+VLLM_TARGET = "vllm/attention/ops/triton_paged_attention.py"
+VLLM_HOOKS = ()
