@@ -240,7 +240,9 @@ def _set_compile_dirs(vllm_config, work_dir, spec):
 
 
 def spec_key(spec):
-    return "-".join(str(v) for v in dataclasses.astuple(spec)).replace(" ", "")
+    import hashlib
+    digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:10]
+    return f"{spec.arch}-{spec.mode}-{spec.engine}-{digest}"
 
 
 def compile_model(spec: ModelSpec = ModelSpec(), work_dir=None,

@@ -1,7 +1,79 @@
-"""(placeholder: implemented in a later step)."""
-VLLM_TARGET = None
-VLLM_HOOKS = ()
+"""Attention layers carry their output-quantization state (RFC #16220, 1).
+
+After ``install()``:
+
+- every ``Attention`` layer has ``output_scale`` (None until the fusion pass
+  binds the o_proj input scale) and ``can_fuse_output_quant(key)``;
+- ``AttentionImpl.fused_output_quant_supported(key) -> bool`` exists and is
+  False for every stock backend; a backend whose kernel writes quantized
+  output overrides it (``triton_backend``).
+
+``QuantKey`` names a quantization scheme; only static per-tensor FP8 is
+fused today, per-token(-group) and dynamic schemes slot in as new keys.
+"""
+import dataclasses
+import logging
+
+import torch
+
+VLLM_TARGET = "vllm/attention/output_quant.py"
+VLLM_HOOKS = ("vllm/attention/layer.py", )
+
+logger = logging.getLogger("vllm.overlay")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantKey:
+    dtype: torch.dtype
+    static: bool             # scale known before the kernel runs
+    group: str = "tensor"    # "tensor" | "token" | "group:<size>"
+
+    def __str__(self):
+        kind = "static" if self.static else "dynamic"
+        return f"{self.dtype}/{kind}/{self.group}"
+
+
+FP8_STATIC_TENSOR = QuantKey(torch.float8_e4m3fn, static=True)
+FP8_DYNAMIC_TOKEN = QuantKey(torch.float8_e4m3fn, static=False, group="token")
+
+
+class UnsupportedOutputQuant(ValueError):
+    pass
+
+
+def fused_output_quant_supported(self, quant_key: QuantKey) -> bool:
+    """Can this backend write ``quant_key``-quantized attention output?"""
+    return False
+
+
+def can_fuse_output_quant(self, quant_key: QuantKey) -> bool:
+    return bool(self.impl.fused_output_quant_supported(quant_key))
+
+
+def check_output_scale(layer, output, output_scale):
+    """Raise a clear error unless ``layer``'s backend can write ``output``
+    quantized with ``output_scale``."""
+    key = QuantKey(output.dtype, static=True)
+    if not layer.can_fuse_output_quant(key):
+        raise UnsupportedOutputQuant(
+            f"{type(layer.impl).__name__} (layer {layer.layer_name}) cannot "
+            f"write quantized attention output ({key}); output_scale must be "
+            "None for this backend")
 
 
 def install():
-    pass
+    from vllm.attention.backends.abstract import AttentionImpl
+    from vllm.attention.layer import Attention
+    if getattr(Attention.__init__, "_vllm_overlay", False):
+        return
+    stock_init = Attention.__init__
+
+    def __init__(self, *args, **kwargs):
+        stock_init(self, *args, **kwargs)
+        self.output_scale = None
+
+    __init__._vllm_overlay = True
+    Attention.__init__ = __init__
+    Attention.can_fuse_output_quant = can_fuse_output_quant
+    if not hasattr(AttentionImpl, "fused_output_quant_supported"):
+        AttentionImpl.fused_output_quant_supported = fused_output_quant_supported

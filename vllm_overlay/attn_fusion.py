@@ -1,7 +1,314 @@
-"""(placeholder: implemented in a later step)."""
-VLLM_TARGET = None
-VLLM_HOOKS = ()
+"""Fuse the FP8 quant that follows attention into the attention op.
+
+An Inductor post-grad pass (``PassConfig.enable_attn_fusion``, off by
+default).  For every attention layer whose backend can write static FP8::
+
+    out  = auto_functionalized(unified_attention_with_output, ..., output=buf)[1]
+    x    = reshape(...reshape(out))                  # views only
+    q    = auto_functionalized(static_scaled_fp8_quant, result=empty_fp8,
+                               input=x, scale=s)[1]
+    o_proj GEMM(q, ...)
+
+becomes::
+
+    fp8  = auto_functionalized(unified_attention_with_output.output_scale, ...,
+                               output=reshape(empty_fp8, [T, H, D]),
+                               output_scale=s)[1]
+    o_proj GEMM(reshape(fp8, [T, H * D]), ...)
+
+and likewise for ``unified_attention`` (no output buffer).  The bf16
+attention output must have no other reader.  Layers whose backend cannot
+fuse, and dynamic quants, are left alone; each skip is logged with its
+reason.  Logs ``Fused quant onto N attention nodes``.
+
+``install()`` also adds the flag to vLLM's ``PassConfig`` (and its uuid,
+so compile caches never mix), keeps noop elimination on when the flag is
+set on V1, and registers the pass right after noop elimination.
+"""
+import logging
+import operator
+
+import torch
+from torch._higher_order_ops.auto_functionalize import auto_functionalized
+
+import vllm_overlay.attention_ops as attention_ops
+import vllm_overlay.attention_quant as attention_quant
+
+VLLM_TARGET = "vllm/compilation/attn_fusion.py"
+VLLM_HOOKS = ("vllm/config.py", )
+
+logger = logging.getLogger("vllm.overlay")
+
+ATTENTION_OPS = {
+    "unified_attention_with_output": lambda: torch.ops.vllm.unified_attention_with_output.default,
+    "unified_attention": lambda: torch.ops.vllm.unified_attention.default,
+}
+VIEW_OPS = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)
+STATIC_QUANT = lambda: torch.ops._C.static_scaled_fp8_quant.default  # noqa: E731
+DYNAMIC_QUANTS = lambda: (torch.ops._C.dynamic_scaled_fp8_quant.default,  # noqa: E731
+                          torch.ops._C.dynamic_per_token_scaled_fp8_quant.default)
+
+
+def _wrapped(node):
+    """The op an auto_functionalized node wraps (else None)."""
+    if node.op == "call_function" and node.target is auto_functionalized:
+        return node.args[0]
+    return None
+
+
+def attention_flavour(node):
+    """'unified_attention_with_output' / 'unified_attention' or None."""
+    for flavour, op in ATTENTION_OPS.items():
+        if _wrapped(node) is op() or (node.op == "call_function"
+                                      and node.target is op()):
+            return flavour
+    return None
+
+
+def _getitem_user(node, index):
+    for user in node.users:
+        if user.target is operator.getitem and user.args[1] == index:
+            return user
+    return None
+
+
+class Match:
+    """attention -> views -> quant, found in a post-grad graph."""
+
+    def __init__(self, attn, flavour, out, views, quant, write_back):
+        self.attn, self.flavour, self.out = attn, flavour, out
+        self.write_back = write_back
+        self.views, self.quant = views, quant
+        self.result = quant.kwargs["result"]
+        self.scale = quant.kwargs["scale"]
+        self.quant_out = _getitem_user(quant, 1)
+
+
+def find_match(attn):
+    """Match at ``attn`` or a string saying why not."""
+    flavour = attention_flavour(attn)
+    out = _getitem_user(attn, 1) if flavour == "unified_attention_with_output" \
+        else attn
+    if out is None:
+        return "attention output unused"
+    # In a sticky attention piece the output buffer is a graph input, so
+    # functionalization writes the result back with copy_(input, out).  Sticky
+    # splitting only happens when nothing outside the piece reads that buffer
+    # (sticky_split.sticky_nodes), so the write-back can go with the fusion.
+    write_back = [u for u in out.users if u.target is torch.ops.aten.copy_.default
+                  and u.args[1] is out and u.args[0].op == "placeholder"]
+    views, cur = [], out
+    while True:
+        users = [u for u in cur.users if u not in write_back]
+        if len(users) != 1:
+            return "attention output has other readers"
+        user = users[0]
+        if user.target in VIEW_OPS and user.args[0] is cur:
+            views.append(user)
+            cur = user
+            continue
+        if _wrapped(user) is STATIC_QUANT() and user.kwargs["input"] is cur:
+            match = Match(attn, flavour, out, views, user, write_back)
+            if match.result.target is not torch.ops.aten.empty.memory_format:
+                return "quant result is not a fresh buffer"
+            if match.result.kwargs.get("dtype") != torch.float8_e4m3fn:
+                return "quant result is not float8_e4m3fn"
+            return match
+        if _wrapped(user) in DYNAMIC_QUANTS():
+            return "dynamic quant (needs scales computed after attention)"
+        return f"next op is {user.target}, not a static FP8 quant"
+
+
+def _layer_name(attn):
+    return attn.kwargs["layer_name"] if "layer_name" in attn.kwargs \
+        else attn.args[-1]
+
+
+def _val(node):
+    return node.meta.get("val")
+
+
+def _add(graph, target, args, kwargs=None, val=None):
+    node = graph.call_function(target, args, kwargs or {})
+    if val is not None:
+        node.meta["val"] = val
+    return node
+
+
+def rewrite(graph, m: Match):
+    """Replace ``m`` by one attention op writing FP8 (see module doc)."""
+    result_shape = m.result.args[0]
+    fused = attention_ops.fused_op(m.flavour)
+    with graph.inserting_before(m.attn):
+        if m.flavour == "unified_attention_with_output":
+            orig_out = m.attn.kwargs["output"]
+            out_shape = list(_val(orig_out).shape)
+            buf = _add(graph, m.result.target, m.result.args, m.result.kwargs,
+                       torch.empty_like(_val(m.result)))
+            view = _add(graph, torch.ops.aten.reshape.default, (buf, out_shape),
+                        val=_val(buf).reshape(out_shape))
+            kwargs = dict(m.attn.kwargs, output=view, output_scale=m.scale)
+            new_attn = _add(graph, auto_functionalized, (fused, ), kwargs,
+                            (None, torch.empty_like(_val(view))))
+            fp8 = _add(graph, operator.getitem, (new_attn, 1),
+                       val=new_attn.meta["val"][1])
+        else:
+            kwargs = dict(m.attn.kwargs, output_scale=m.scale)
+            fp8 = _add(graph, fused, m.attn.args, kwargs,
+                       torch.empty_like(_val(m.attn), dtype=torch.float8_e4m3fn))
+        flat = _add(graph, torch.ops.aten.reshape.default, (fp8, result_shape),
+                    val=_val(fp8).reshape(_val(m.result).shape))
+    m.quant_out.replace_all_uses_with(flat)
+    leftovers = (m.result, m.attn.kwargs.get("output"))
+    dead = [*m.write_back, m.quant_out, m.quant, *reversed(m.views)]
+    if m.out is not m.attn:
+        dead.append(m.out)
+    dead.append(m.attn)
+    for node in dead:
+        graph.erase_node(node)
+    for node in leftovers:
+        while node is not None and not node.users:
+            parent = node.args[0] if node.target in VIEW_OPS else None
+            graph.erase_node(node)
+            node = parent
+
+
+def _pass_base():
+    from vllm.compilation.vllm_inductor_pass import VllmInductorPass
+    return VllmInductorPass
+
+
+class AttnFusionPass(_pass_base()):
+    """See the module docstring."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.layers = config.compilation_config.static_forward_context
+        self.matched_count = 0
+        self.skipped = {}   # layer name -> reason
+
+    def can_fuse(self, layer_name):
+        layer = self.layers.get(layer_name)
+        if layer is None or not hasattr(layer, "can_fuse_output_quant"):
+            return False
+        return layer.can_fuse_output_quant(attention_quant.FP8_STATIC_TENSOR)
+
+    def __call__(self, graph: torch.fx.Graph):
+        self.begin()
+        self.dump_graph(graph, "before_attn_fusion")
+        count = 0
+        for attn in [n for n in graph.nodes if attention_flavour(n)]:
+            name = _layer_name(attn)
+            if not self.can_fuse(name):
+                self.skipped[name] = "backend cannot write static FP8 output"
+                continue
+            match = find_match(attn)
+            if isinstance(match, str):
+                self.skipped[name] = match
+                continue
+            rewrite(graph, match)
+            count += 1
+        self.matched_count = count
+        for name, reason in self.skipped.items():
+            logger.info("Attention fusion skipped %s: %s", name, reason)
+        logger.info("Fused quant onto %s attention nodes", count)
+        self.dump_graph(graph, "after_attn_fusion")
+        self.end_and_log()
+
+
+# --- PassConfig flag, V1 post-init, pass registration -----------------------
+
+def _install_pass_config():
+    from vllm.compilation.inductor_pass import InductorPass
+    from vllm.config import CompilationConfig
+    if "enable_attn_fusion" in CompilationConfig.PassConfig.model_fields:
+        return
+    stock = CompilationConfig.PassConfig
+
+    class PassConfig(stock):
+        __doc__ = (stock.__doc__ or "") + (
+            "- enable_attn_fusion: fuse the FP8 quant after attention into the "
+            "attention op (vllm_overlay).\n")
+        enable_attn_fusion: bool = False
+
+        def uuid(self):
+            dict_ = self.model_dump(include={
+                "enable_fusion", "enable_noop", "enable_sequence_parallelism",
+                "enable_attn_fusion"})
+            return InductorPass.hash_dict(dict_)
+
+    PassConfig.__qualname__ = "PassConfig"
+    globals()["PassConfig"] = PassConfig
+    field = CompilationConfig.model_fields["pass_config"]
+    field.annotation = PassConfig
+    field.default_factory = PassConfig
+    CompilationConfig.PassConfig = PassConfig
+    CompilationConfig.model_rebuild(force=True)
+
+
+def _install_json_cli():
+    """vLLM 0.8.5 parses ``-O`` with ``ast.literal_eval`` only, so the JSON
+    spelling ``{"pass_config": {"enable_attn_fusion": true}}`` (what later
+    vLLM and its docs use) fails; accept JSON too."""
+    import json
+
+    from vllm.config import CompilationConfig
+    stock = CompilationConfig.from_cli.__func__
+    if getattr(stock, "_vllm_overlay", False):
+        return
+
+    def from_cli(cls, cli_value: str):
+        try:
+            return stock(cls, cli_value)
+        except (ValueError, SyntaxError):
+            return cls.model_validate(json.loads(cli_value))
+
+    from_cli._vllm_overlay = True
+    CompilationConfig.from_cli = classmethod(from_cli)
+
+
+def _install_post_init():
+    from vllm.config import VllmConfig
+    if getattr(VllmConfig.__post_init__, "_vllm_overlay", False):
+        return
+    stock = VllmConfig.__post_init__
+
+    def __post_init__(self):
+        stock(self)
+        pass_config = self.compilation_config.pass_config
+        if getattr(pass_config, "enable_attn_fusion", False) \
+                and not pass_config.enable_noop:
+            logger.info("enable_attn_fusion: keeping noop elimination on")
+            pass_config.enable_noop = True
+
+    __post_init__._vllm_overlay = True
+    VllmConfig.__post_init__ = __post_init__
+
+
+def _install_pass_manager():
+    from vllm.compilation.noop_elimination import NoOpEliminationPass
+    from vllm.compilation.pass_manager import PostGradPassManager
+    if getattr(PostGradPassManager.configure, "_vllm_overlay", False):
+        return
+    stock = PostGradPassManager.configure
+
+    def configure(self, config):
+        stock(self, config)
+        if not getattr(self.pass_config, "enable_attn_fusion", False):
+            return
+        noop = [i for i, p in enumerate(self.passes)
+                if isinstance(p, NoOpEliminationPass)]
+        if not noop:
+            self.passes.insert(0, NoOpEliminationPass(config))
+            noop = [0]
+        self.passes.insert(noop[0] + 1, AttnFusionPass(config))
+
+    configure._vllm_overlay = True
+    PostGradPassManager.configure = configure
 
 
 def install():
-    pass
+    _install_pass_config()
+    _install_json_cli()
+    _install_post_init()
+    _install_pass_manager()

@@ -1,7 +1,211 @@
-"""(placeholder: implemented in a later step)."""
-VLLM_TARGET = None
-VLLM_HOOKS = ()
+"""Sticky ops: keep the quant after attention in the attention piece (RFC
+#16220, change 2).
+
+vLLM 0.8.5 V1 splits the Dynamo graph at every attention op; attention
+pieces run eagerly, never reach Inductor, and the o_proj quant lands in the
+next (CUDA-graphed) piece, out of the fusion pass's sight.  With sticky ops
+the split becomes::
+
+    stock:   [... qkv, rope]  [attention]  [view, view, size, empty, quant, o_proj, ...]
+    sticky:  [... qkv, rope]  [attention, view, view, size, empty, quant]  [o_proj, ...]
+
+A sticky op (``STICKY_OPS`` by name, or ``is_sticky(node)``) consumes the
+attention output through views only; it moves into the attention piece
+together with what it needs that is computed after the attention
+(views of the output, ``size``, its ``empty`` result buffer).  Nothing that
+merely reads the output for something else moves, and a layer is sticky
+only if its backend can fuse and the output has no other reader.  With no
+sticky layer the split is exactly vLLM's.
+
+Sticky attention pieces are compiled by Inductor (so ``AttnFusionPass``
+runs on them) but never captured into a CUDA graph; all other pieces stay
+``PiecewiseBackend`` (compiled + captured) as stock.
+"""
+import logging
+import operator
+from unittest.mock import patch
+
+import torch
+import torch.fx as fx
+
+import vllm_overlay.attention_quant as attention_quant
+
+VLLM_TARGET = "vllm/compilation/sticky_split.py"
+VLLM_HOOKS = ("vllm/compilation/backends.py", )
+
+logger = logging.getLogger("vllm.overlay")
+
+STICKY_OPS = ("_C.static_scaled_fp8_quant", )
+# Nodes computed after attention that may follow a sticky op into its piece.
+_VIEW_METHODS = ("view", "reshape")
+_ALLOWED_METHODS = _VIEW_METHODS + ("size", )
+_ALLOWED_FUNCTIONS = (torch.empty, operator.getitem, torch.reshape)
+
+_active_config = None   # VllmConfig of the VllmBackend currently splitting
+
+
+def _name(node):
+    return str(node.target) if node.op == "call_function" else None
+
+
+def _is_view(node):
+    return (node.op == "call_method" and node.target in _VIEW_METHODS) or \
+        (node.op == "call_function" and node.target is torch.reshape)
+
+
+def _allowed(node):
+    return (node.op == "call_method" and node.target in _ALLOWED_METHODS) or \
+        (node.op == "call_function" and node.target in _ALLOWED_FUNCTIONS)
+
+
+def _attention_output(node):
+    if _name(node) == "vllm.unified_attention_with_output":
+        return node.kwargs.get("output", node.args[3] if len(node.args) > 3 else None)
+    return node
+
+
+def _layer_name(node):
+    return node.kwargs.get("layer_name", node.args[-1])
+
+
+def sticky_nodes(attn, is_sticky):
+    """Nodes after ``attn`` that join its piece: the first sticky op fed by
+    its output through views, and that op's post-attention inputs.  None if
+    there is none, or the output (or a view of it) has another reader."""
+    order = {n: i for i, n in enumerate(attn.graph.nodes)}
+    after = lambda n: order[n] > order[attn]  # noqa: E731
+    aliases, sticky = [_attention_output(attn)], None
+    for alias in aliases:
+        for user in sorted(alias.users, key=order.get):
+            if user is attn or not after(user):
+                continue
+            if _is_view(user) and user.args[0] is alias:
+                aliases.append(user)
+            elif is_sticky(user) and alias in user.all_input_nodes:
+                sticky = sticky or user
+    if sticky is None:
+        return None
+    pulled, stack = {sticky}, [sticky]
+    while stack:
+        for node in stack.pop().all_input_nodes:
+            if node in pulled or not after(node):
+                continue
+            if not _allowed(node):
+                return None
+            pulled.add(node)
+            stack.append(node)
+    # The bf16 output must have no reader outside the piece.
+    for alias in aliases:
+        readers = [u for u in alias.users if u is not attn and after(u)]
+        if (alias is not aliases[0] and alias not in pulled) or any(
+                u not in pulled for u in readers):
+            return None
+    return sorted(pulled, key=order.get)
+
+
+def find_sticky(graph: fx.GraphModule, splitting_ops, vllm_config,
+                is_sticky=None):
+    """{node: attention node} for every layer that can fuse, else {}."""
+    if vllm_config is None or not getattr(
+            vllm_config.compilation_config.pass_config, "enable_attn_fusion",
+            False):
+        return {}
+    is_sticky = is_sticky or (lambda n: _name(n) in STICKY_OPS)
+    layers = vllm_config.compilation_config.static_forward_context
+    sticky, skipped = {}, []
+    for attn in graph.graph.nodes:
+        if attn.op != "call_function" or _name(attn) not in splitting_ops:
+            continue
+        layer = layers.get(_layer_name(attn))
+        if layer is None or not layer.can_fuse_output_quant(
+                attention_quant.FP8_STATIC_TENSOR):
+            skipped.append(f"{_layer_name(attn)} (backend cannot fuse)")
+            continue
+        nodes = sticky_nodes(attn, is_sticky)
+        if nodes is None:
+            skipped.append(f"{_layer_name(attn)} (no fusable quant after it)")
+            continue
+        sticky.update((n, attn) for n in nodes)
+    if skipped:
+        logger.info("Sticky ops: stock split for %s", ", ".join(skipped))
+    return sticky
+
+
+def split_graph(graph: fx.GraphModule, ops):
+    """vLLM's ``split_graph`` with sticky nodes placed in their attention
+    node's piece; exactly vLLM's split when there is nothing sticky."""
+    sticky = find_sticky(graph, ops, _active_config)
+    if not sticky:
+        return _stock_split_graph(graph, ops)
+    import torch.fx.passes.split_module as split_module_lib
+    real = split_module_lib.split_module
+
+    def split_module(gm, root, split_callback, **kwargs):
+        return real(gm, root, lambda n: split_callback(sticky.get(n, n)),
+                    **kwargs)
+
+    with patch.object(split_module_lib, "split_module", split_module):
+        split_gm, items = _stock_split_graph(graph, ops)
+    # An attention piece is sticky when it holds more than its attention op.
+    split_gm._vllm_overlay_sticky = {
+        item.submod_name for item in items if item.is_splitting_graph and sum(
+            n.op == "call_function" for n in item.graph.graph.nodes) > 1}
+    logger.info("Sticky ops: %d attention pieces keep their quant",
+                len(split_gm._vllm_overlay_sticky))
+    return split_gm, items
+
+
+class StickyAttentionPiece:
+    """An attention piece compiled by Inductor and run without CUDA graphs
+    (stands where vLLM would keep the eager piece)."""
+
+    capturable = False
+
+    def __init__(self, graph, compiled):
+        self.graph, self.compiled = graph, compiled
+
+    def __call__(self, *args):
+        return self.compiled(*args)
+
+
+_stock_split_graph = None
 
 
 def install():
-    pass
+    global _stock_split_graph
+    import vllm.compilation.backends as backends
+    if _stock_split_graph is not None:
+        return
+    _stock_split_graph = backends.split_graph
+    backends.split_graph = split_graph
+
+    stock_backend_call = backends.VllmBackend.__call__
+
+    def __call__(self, graph, example_inputs):
+        global _active_config
+        _active_config = self.vllm_config
+        try:
+            return stock_backend_call(self, graph, example_inputs)
+        finally:
+            _active_config = None
+
+    backends.VllmBackend.__call__ = __call__
+
+    interpreter = backends.PiecewiseCompileInterpreter
+    stock_call_module = interpreter.call_module
+
+    def call_module(self, target, args, kwargs):
+        output = stock_call_module(self, target, args, kwargs)
+        sticky = getattr(self.module, "_vllm_overlay_sticky", ())
+        if target in sticky:
+            submod = self.fetch_attr(target)
+            index = len(self.compile_submod_names) + sorted(sticky).index(target)
+            compiled = self.vllm_backend.compiler_manager.compile(
+                submod, args, self.compilation_config.inductor_compile_config,
+                self.compilation_config, graph_index=index,
+                num_graphs=len(self.compile_submod_names) + len(sticky),
+                runtime_shape=None)
+            self.module.__dict__[target] = StickyAttentionPiece(submod, compiled)
+        return output
+
+    interpreter.call_module = call_module

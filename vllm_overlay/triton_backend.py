@@ -1,7 +1,89 @@
-"""(placeholder: implemented in a later step)."""
-VLLM_TARGET = None
-VLLM_HOOKS = ()
+"""vLLM 0.8.5's V1 Triton attention backend on our paged kernel, FP8 out.
+
+After ``install()``, ``TRITON_ATTN_VLLM_V1`` builds
+:class:`TritonFusedAttentionImpl`: it writes the KV cache in the flash
+layout ``[2, num_blocks, block_size, Hkv, D]`` (``reshape_and_cache_flash``,
+the shape the backend allocates) and runs
+``triton_paged_attention.paged_attention`` on it, with bf16/fp16 output
+(stock meaning) or, given ``output_scale``, static per-tensor FP8 output.
+It reports fused support for static per-tensor FP8 only.
+
+Layers the kernel does not cover (ALiBi, chunked local attention "iRoPE")
+keep vLLM's own implementation, unfused.
+"""
+import logging
+
+import torch
+
+import vllm_overlay.attention_quant as attention_quant
+import vllm_overlay.triton_paged_attention as kernel
+
+VLLM_TARGET = "vllm/v1/attention/backends/triton_fused_attn.py"
+VLLM_HOOKS = ("vllm/v1/attention/backends/triton_attn.py", )
+
+logger = logging.getLogger("vllm.overlay")
+
+
+def _impl_class():
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+
+    class TritonFusedAttentionImpl(TritonAttentionImpl):
+        """TritonAttentionImpl on the overlay's kernel (module docstring)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.use_overlay_kernel = self.alibi_slopes is None \
+                and not self.use_irope
+            if not self.use_overlay_kernel:
+                logger.info("Triton attention: ALiBi/iRoPE layer keeps vLLM's "
+                            "kernel (no fused output quant)")
+
+        def fused_output_quant_supported(self, quant_key) -> bool:
+            return self.use_overlay_kernel \
+                and quant_key == attention_quant.FP8_STATIC_TENSOR
+
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata,
+                    output=None, output_scale=None):
+            """query [T, Hq, D], key/value [T, Hkv, D], kv_cache [2,
+            num_blocks, block_size, Hkv, D]; writes output [T, Hq, D]."""
+            if not self.use_overlay_kernel:
+                if output_scale is not None:
+                    raise attention_quant.UnsupportedOutputQuant(
+                        "ALiBi/iRoPE Triton layers cannot fuse output quant")
+                return super().forward(layer, query, key, value, kv_cache,
+                                       attn_metadata, output=output)
+            assert output is not None, "Output tensor must be provided."
+            if attn_metadata is None:  # profiling run
+                return output
+            key_cache, value_cache = kv_cache.unbind(0)
+            if self.kv_cache_dtype.startswith("fp8"):
+                key_cache = key_cache.view(torch.float8_e4m3fn)
+                value_cache = value_cache.view(torch.float8_e4m3fn)
+            torch.ops._C_cache_ops.reshape_and_cache_flash(
+                key, value, key_cache, value_cache, attn_metadata.slot_mapping,
+                self.kv_cache_dtype, layer._k_scale, layer._v_scale)
+            window = self.sliding_window[0]
+            kernel.paged_attention(
+                query, key_cache, value_cache, output,
+                attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                attn_metadata.block_table, attn_metadata.max_query_len,
+                attn_metadata.max_seq_len, self.scale,
+                sliding_window=None if window < 0 else window + 1,
+                k_scale=layer._k_scale, v_scale=layer._v_scale,
+                output_scale=output_scale)
+            return output
+
+    return TritonFusedAttentionImpl
+
+
+TritonFusedAttentionImpl = None
 
 
 def install():
-    pass
+    global TritonFusedAttentionImpl
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+    if TritonFusedAttentionImpl is not None:
+        return
+    TritonFusedAttentionImpl = _impl_class()
+    TritonAttentionBackend.get_impl_cls = staticmethod(
+        lambda: TritonFusedAttentionImpl)
