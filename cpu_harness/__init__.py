@@ -78,3 +78,13 @@ def activate():
             "must not be used on this machine.")
     _stub = ctypes.CDLL(str(build_stub()), mode=ctypes.RTLD_GLOBAL)
     os.environ[ENV_FLAG] = "1"
+
+
+def platform_plugin():
+    """``vllm.platform_plugins`` entry point: active only in harness
+    processes (``VLLM_OVERLAY_CPU_HARNESS=1``, inherited by children).  It
+    loads the stub before the platform module imports ``vllm._C``."""
+    if os.environ.get(ENV_FLAG) != "1":
+        return None
+    activate()
+    return "cpu_harness.platform.HarnessPlatform"

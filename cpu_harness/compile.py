@@ -361,20 +361,21 @@ def summarize(compiled: CompiledModel) -> dict:
     }
 
 
-def compile_in_subprocess(spec: ModelSpec, plugins: str = "cpu_harness",
-                          timeout=900) -> dict:
-    """Compile in a fresh process where only ``plugins`` load (stock vLLM by
-    default: the overlay's entry point is not among them); return summarize()."""
+def compile_in_subprocess(spec: ModelSpec, overlay: bool = False,
+                          timeout=900, init_method: str = "") -> dict:
+    """Compile in a fresh process; stock vLLM unless ``overlay`` (only the
+    harness platform plugin loads there); return summarize()."""
     import subprocess
     import sys
     with tempfile.TemporaryDirectory(prefix="vllm_harness_sub_") as tmp:
         out = pathlib.Path(tmp) / "summary.json"
-        env = dict(os.environ, VLLM_PLUGINS=plugins)
+        env = dict(os.environ, VLLM_PLUGINS="cpu_harness")
         for key in ("TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT"):
             env.pop(key, None)
         proc = subprocess.run(
             [sys.executable, "-m", "cpu_harness.compile", json.dumps(
-                dataclasses.asdict(spec)), str(out), tmp],
+                dataclasses.asdict(spec)), str(out), tmp, str(int(overlay)),
+             init_method],
             env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"harness subprocess failed:\n{proc.stderr[-4000:]}")
@@ -384,7 +385,12 @@ def compile_in_subprocess(spec: ModelSpec, plugins: str = "cpu_harness",
 def _main(argv):
     fields = json.loads(argv[0])
     fields["pass_config"] = tuple(tuple(kv) for kv in fields.get("pass_config", ()))
-    compiled = compile_model(ModelSpec(**fields), work_dir=argv[2])
+    if argv[3] == "1":
+        setup_process(argv[2])
+        import vllm_overlay
+        vllm_overlay.install()
+    compiled = compile_model(ModelSpec(**fields), work_dir=argv[2],
+                             dist_init_method=argv[4] or None)
     pathlib.Path(argv[1]).write_text(json.dumps(summarize(compiled)))
 
 

@@ -5,8 +5,6 @@ platform, call attention directly (no custom op) and fall back to Marlin for
 FP8.  This platform is vLLM's own ``CudaPlatformBase`` with a fixed device:
 an sm_90 GPU.  It is selected only when the harness is active.
 """
-import os
-
 from vllm.platforms.cuda import CudaPlatformBase
 from vllm.platforms.interface import DeviceCapability
 
@@ -28,12 +26,3 @@ class HarnessPlatform(CudaPlatformBase):
     @classmethod
     def is_fully_connected(cls, physical_device_ids) -> bool:
         return True
-
-
-def platform_plugin():
-    """``vllm.platform_plugins`` entry point: active only in harness processes."""
-    from cpu_harness import ENV_FLAG, activate
-    if os.environ.get(ENV_FLAG) != "1":
-        return None
-    activate()
-    return "cpu_harness.platform.HarnessPlatform"

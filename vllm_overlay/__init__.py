@@ -91,6 +91,10 @@ def install():
     if _mode is not None:
         return _mode
     check_vllm_version()
+    # vLLM's compilation modules read torch.ops._C at import time; its
+    # platform resolution (done here) loads _C first, as in vLLM's own entry
+    # points.  A freshly spawned process may reach us before that.
+    import vllm._custom_ops  # noqa: F401
     if is_patched_vllm():
         _mode = "patched"
         return _mode
