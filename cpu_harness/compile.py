@@ -146,7 +146,7 @@ def _init_distributed(tp_size, tp_rank, init_method=None):
 def setup_process(work_dir=None):
     """Environment for compiling on CPU; call before importing vLLM."""
     cpu_harness.activate()
-    work_dir = pathlib.Path(work_dir or tempfile.mkdtemp(prefix="vllm_harness_"))
+    work_dir = pathlib.Path(work_dir or tempfile.mkdtemp(prefix="vllm_harness_")).resolve()
     env = {
         "HF_HUB_OFFLINE": "1",
         "VLLM_DISABLE_COMPILE_CACHE": "1",

@@ -21,6 +21,7 @@ only.
 import importlib
 import importlib.util
 import logging
+import sys
 
 from vllm_overlay.compile_cache import OVERLAY_VERSION as __version__
 
@@ -112,5 +113,8 @@ def register():
     install()
 
 
-if vllm_version() is not None:
+# ``python -m vllm_overlay ...`` (sys.argv[0] is "-m" while Python locates
+# the package) installs in its own time: on a machine without a GPU it first
+# sets up the CPU harness, which must precede any vLLM import.
+if vllm_version() is not None and sys.argv[:1] != ["-m"]:
     install()

@@ -184,8 +184,9 @@ class AttnFusionPass(_pass_base()):
     def __init__(self, config):
         super().__init__(config)
         self.layers = config.compilation_config.static_forward_context
-        self.matched_count = 0
-        self.skipped = {}   # layer name -> reason
+        self.matched_count = 0   # fusions in the last graph
+        self.fused = set()       # layer names fused, over every graph
+        self.skipped = {}        # layer name -> why not
 
     def can_fuse(self, layer_name):
         layer = self.layers.get(layer_name)
@@ -207,9 +208,11 @@ class AttnFusionPass(_pass_base()):
                 self.skipped[name] = match
                 continue
             rewrite(graph, match)
+            self.fused.add(name)
+            self.skipped.pop(name, None)
             count += 1
         self.matched_count = count
-        for name, reason in self.skipped.items():
+        for name, reason in sorted(self.skipped.items()):
             logger.info("Attention fusion skipped %s: %s", name, reason)
         logger.info("Fused quant onto %s attention nodes", count)
         self.dump_graph(graph, "after_attn_fusion")

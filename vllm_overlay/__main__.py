@@ -1,0 +1,5 @@
+import sys
+
+from vllm_overlay.report import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""``python -m vllm_overlay report``: versions, mode, and what the fusion
+does to the embedded tiny FP8 Llama, compiled on this machine.
+
+On a machine without a GPU the model is compiled through vLLM's own
+``VllmBackend`` with the CPU harness (``cpu_harness``); nothing executes.
+"""
+import argparse
+import importlib.metadata
+import json
+import pathlib
+import time
+
+import vllm_overlay
+
+ATTENTION = ("vllm.unified_attention", "vllm.unified_attention_with_output")
+FUSED = tuple(f"{op}.output_scale" for op in ATTENTION)
+QUANTS = ("_C.static_scaled_fp8_quant", "_C.dynamic_scaled_fp8_quant",
+          "_C.dynamic_per_token_scaled_fp8_quant")
+
+
+def versions():
+    out = {}
+    for dist in ("vllm", "torch", "triton"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    out["vllm_overlay"] = vllm_overlay.__version__
+    return out
+
+
+def _fusion_passes(backend):
+    return [p for p in backend.post_grad_pass_manager.passes
+            if type(p).__name__ == "AttnFusionPass"]
+
+
+def fusion_report(compiled):
+    """Summary of one compiled model (a cpu_harness CompiledModel)."""
+    passes = _fusion_passes(compiled.backend)
+    fused = set().union(*(p.fused for p in passes)) if passes else set()
+    skipped = {}
+    for p in passes:
+        skipped.update(p.skipped)
+    count = lambda names, targets: sum(targets.count(n) for n in names)  # noqa
+    before = [count(QUANTS, pg.targets_before) for pg in compiled.post_grad]
+    after = [count(QUANTS, pg.targets_after) for pg in compiled.post_grad]
+    pieces = compiled.pieces
+    sticky = getattr(compiled.backend.split_gm, "_vllm_overlay_sticky", set())
+    return {
+        "mode": compiled.spec.mode,
+        "attention_layers": compiled.dynamo_ops().get(
+            "vllm.unified_attention_with_output", 0) + compiled.dynamo_ops().get(
+            "vllm.unified_attention", 0),
+        "fused": len(fused),
+        "skipped": skipped,
+        "quant_ops_before": sum(before),
+        "quant_ops_after": sum(after),
+        "pieces": len(pieces),
+        "attention_pieces": sum(p.is_splitting_graph for p in pieces),
+        "sticky_pieces": len(sticky),
+        "fused_ops_in_graphs": sum(count(FUSED, pg.targets_after)
+                                   for pg in compiled.post_grad),
+    }
+
+
+def _piece_line(compiled):
+    parts = []
+    for p in compiled.pieces:
+        ops = compiled.piece_ops(p)
+        tag = "attn" if p.is_splitting_graph else "graph"
+        quants = sum(ops.get(q, 0) for q in QUANTS)
+        parts.append(f"{tag}(q{quants})")
+    return " ".join(parts)
+
+
+def run(args):
+    import cpu_harness
+    from cpu_harness.compile import ModelSpec, compile_model, setup_process
+    print("vllm_overlay report")
+    for name, version in versions().items():
+        print(f"  {name:13s} {version}")
+    if cpu_harness.real_driver_present():
+        print("  GPU box: the compile report below needs the CPU harness; "
+              "run benchmarks/e2e.py for the engine.")
+        return 0
+    work_dir = setup_process(args.out)
+    mode = vllm_overlay.install()
+    print(f"  mode          {mode} (patched = vLLM files carry the series; "
+          "overlay = runtime patches)")
+    rows = []
+    on = (("enable_attn_fusion", True), )
+    for spec_mode in ("piecewise", "full"):
+        results = {}
+        for label, pass_config in (("off", ()), ("on", on)):
+            spec = ModelSpec(arch=args.arch, num_layers=args.layers,
+                             mode=spec_mode, pass_config=pass_config)
+            start = time.perf_counter()
+            compiled = compile_model(spec, work_dir=work_dir)
+            seconds = time.perf_counter() - start
+            results[label] = (compiled, seconds)
+            _dump_graphs(compiled, pathlib.Path(args.out) / "graphs" /
+                         f"{spec_mode}-fusion-{label}")
+        (off, t_off), (on_c, t_on) = results["off"], results["on"]
+        rep = fusion_report(on_c)
+        rows.append((spec_mode, rep, off, on_c, t_off, t_on))
+    print(f"\nEmbedded tiny FP8 {args.arch} ({args.layers} layers, static "
+          "activation scales), Triton attention backend:")
+    for spec_mode, rep, off, on_c, t_off, t_on in rows:
+        print(f"\n  [{spec_mode}]")
+        print(f"    attention layers fused  {rep['fused']}/{rep['attention_layers']}")
+        print(f"    quant kernels           {rep['quant_ops_before']} -> "
+              f"{rep['quant_ops_after']} "
+              f"({rep['quant_ops_before'] - rep['quant_ops_after']} removed)")
+        print(f"    pieces (fusion off)     {_piece_line(off)}")
+        print(f"    pieces (fusion on)      {_piece_line(on_c)}  "
+              f"sticky attention pieces: {rep['sticky_pieces']}")
+        print(f"    compile time            off {t_off:.1f} s, on {t_on:.1f} s")
+        for layer, reason in sorted(rep["skipped"].items()):
+            print(f"    not fused: {layer}: {reason}")
+    print(f"\n  graphs written to {pathlib.Path(args.out) / 'graphs'}")
+    summary = [{"mode": m, **r} for m, r, *_ in rows]
+    (pathlib.Path(args.out) / "report.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def _dump_graphs(compiled, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dynamo.py").write_text(compiled.dynamo_graph.code)
+    for p in compiled.pieces:
+        (folder / f"{p.name}.py").write_text(p.graph.code)
+    for i, pg in enumerate(compiled.post_grad):
+        (folder / f"post_grad_{i}_before.txt").write_text(pg.before)
+        (folder / f"post_grad_{i}_after.txt").write_text(str(pg.after))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m vllm_overlay")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="versions, mode, fusion report")
+    rep.add_argument("--arch", default="llama")
+    rep.add_argument("--layers", type=int, default=2)
+    rep.add_argument("--out", default="out/report")
+    args = parser.parse_args(argv)
+    return run(args)
