@@ -1,0 +1,304 @@
+"""End-to-end benchmark: vllm.LLM with attention + FP8 quant fusion on vs off.
+
+For a GPU box with vLLM 0.8.5.post1 (and this repository's vllm_overlay).
+Measures, per model, batch size and prompt length:
+
+  throughput  generated tokens / s of one ``llm.generate`` call on a batch of
+              B random-token prompts of length P, ``max_tokens=O``,
+              ``ignore_eos`` (median of --iters runs after one warm-up);
+  latency     wall time of that call (ms, median) and of a prefill-only call
+              (``max_tokens=1``, "TTFT" of the whole batch).
+
+Variants (``--variants``, each engine in its own process):
+  off   VLLM_ATTENTION_BACKEND=TRITON_ATTN_VLLM_V1, enable_attn_fusion=False
+  on    VLLM_ATTENTION_BACKEND=TRITON_ATTN_VLLM_V1, enable_attn_fusion=True
+  fa    vLLM's default backend (FlashAttention on H100), no fusion: context
+
+Models: the embedded tiny FP8 checkpoint (built locally; it measures
+overheads, not kernels) unless --no-embedded, plus every ``--model PATH``
+(a local FP8 checkpoint directory; only checkpoints with static activation
+scales can fuse: the "fused" column shows what the pass did).
+
+Usage:
+  python benchmarks/e2e.py --model /models/Llama-3.1-8B-Instruct-FP8 \
+      --batch-sizes 1,16,64 --prompt-lens 128,1024 --output-len 128
+Prints a markdown table (also written to --out-dir/e2e.md with the logs).
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUPPORTED_VLLM = "0.8.5.post1"
+FUSED_RE = re.compile(r"Fused quant onto (\d+) attention nodes")
+WORKER_RE = re.compile(r"\(VllmWorker rank=(\d+)")
+
+
+def _ints(text):
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="benchmarks/e2e.py",
+        description="vllm.LLM throughput/latency with attention+FP8 quant "
+                    "fusion on vs off (needs vLLM 0.8.5.post1 and a CUDA GPU).")
+    ap.add_argument("--model", action="append", default=[], metavar="PATH",
+                    help="local FP8 checkpoint directory (repeatable)")
+    ap.add_argument("--no-embedded", action="store_true",
+                    help="skip the embedded tiny FP8 checkpoint")
+    ap.add_argument("--embedded-layers", type=int, default=2,
+                    help="layers of the embedded checkpoint (default 2)")
+    ap.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32],
+                    metavar="B,B", help="default 1,8,32")
+    ap.add_argument("--prompt-lens", type=_ints, default=[128, 384],
+                    metavar="P,P", help="default 128,384")
+    ap.add_argument("--output-len", type=int, default=64,
+                    help="generated tokens per prompt (default 64)")
+    ap.add_argument("--iters", type=int, default=3,
+                    help="timed runs per point, median reported (default 3)")
+    ap.add_argument("--variants", default="off,on",
+                    help="comma list of off,on,fa (default off,on)")
+    ap.add_argument("--engine", choices=("v1", "v0"), default="v1",
+                    help="vLLM engine (V0 cannot fuse; default v1)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    ap.add_argument("--gpu-mem", type=float, default=0.85,
+                    help="gpu_memory_utilization (default 0.85)")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="default: max prompt len + output len")
+    ap.add_argument("--out-dir", default=None,
+                    help="write e2e.md, results.json and engine logs here")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    bad = set(args.variants.split(",")) - {"off", "on", "fa"}
+    if bad:
+        ap.error(f"unknown variants: {', '.join(sorted(bad))}")
+    return args
+
+
+def refusal():
+    """None where the benchmark can run, else a message saying why not."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        found = version("vllm")
+    except PackageNotFoundError:
+        found = None
+    if found != SUPPORTED_VLLM:
+        return (f"benchmarks/e2e.py needs vLLM {SUPPORTED_VLLM} "
+                f"(found: {found or 'not installed'}). Nothing was run.")
+    if os.environ.get("VLLM_OVERLAY_CPU_HARNESS") == "1":
+        return ("the CPU harness is active in this environment "
+                "(VLLM_OVERLAY_CPU_HARNESS=1): no real GPU. Nothing was run.")
+    import torch
+    if not torch.cuda.is_available():
+        return "benchmarks/e2e.py needs a CUDA GPU (none found). Nothing was run."
+    if torch.cuda.device_count() < 1:
+        return "benchmarks/e2e.py needs a CUDA GPU (none found). Nothing was run."
+    return None
+
+
+# ----------------------------------------------------------------- child
+
+def _child(cfg, out_path):
+    import random
+
+    import vllm_overlay
+    from vllm import LLM, SamplingParams
+    vllm_overlay.install()
+    compilation = {"pass_config": {"enable_attn_fusion": cfg["fusion"]}}
+    if cfg["engine"] == "v0":
+        compilation["level"] = 3
+    llm = LLM(model=cfg["model"], tokenizer=cfg["model"], dtype="auto",
+              enforce_eager=False, seed=0, tensor_parallel_size=cfg["tp"],
+              gpu_memory_utilization=cfg["gpu_mem"],
+              max_model_len=cfg["max_model_len"],
+              compilation_config=compilation)
+    rng = random.Random(0)
+    vocab = cfg["vocab_size"]
+    rows = []
+    for prompt_len in cfg["prompt_lens"]:
+        for batch in cfg["batch_sizes"]:
+            if prompt_len + cfg["output_len"] > cfg["max_model_len"]:
+                continue
+            prompts = [{"prompt_token_ids": [rng.randrange(10, vocab)
+                                             for _ in range(prompt_len)]}
+                       for _ in range(batch)]
+            gen = SamplingParams(temperature=0.0, max_tokens=cfg["output_len"],
+                                 ignore_eos=True)
+            pre = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+            def timed(params):
+                times = []
+                for i in range(cfg["iters"] + 1):      # first run: warm-up
+                    t0 = time.perf_counter()
+                    outs = llm.generate(prompts, params, use_tqdm=False)
+                    dt = time.perf_counter() - t0
+                    if i:
+                        times.append(dt)
+                return statistics.median(times), outs
+
+            t_gen, outs = timed(gen)
+            t_pre, _ = timed(pre)
+            n_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            rows.append({"batch": batch, "prompt_len": prompt_len,
+                         "output_len": cfg["output_len"],
+                         "tokens_per_s": n_tokens / t_gen,
+                         "latency_ms": t_gen * 1e3, "prefill_ms": t_pre * 1e3})
+            print(f"E2E-POINT {json.dumps(rows[-1])}", flush=True)
+    Path(out_path).write_text(json.dumps(rows))
+
+
+# ---------------------------------------------------------------- parent
+
+def _env(variant, engine, tmp):
+    env = dict(os.environ)
+    for key in ("VLLM_ATTENTION_BACKEND", "TRITON_INTERPRET",
+                "VLLM_OVERLAY_CPU_HARNESS"):
+        env.pop(key, None)
+    env.update({"VLLM_USE_V1": "1" if engine == "v1" else "0",
+                "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+                "VLLM_DISABLE_COMPILE_CACHE": "1",
+                "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+                "VLLM_CACHE_ROOT": str(Path(tmp) / "vllm_cache"),
+                "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor"),
+                "HF_HUB_OFFLINE": "1",
+                "PYTHONPATH": os.pathsep.join(
+                    [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))})
+    if variant in ("on", "off") and engine == "v1":
+        env["VLLM_ATTENTION_BACKEND"] = "TRITON_ATTN_VLLM_V1"
+    return env
+
+
+def fused_per_rank(log):
+    counts = {}
+    for line in log.splitlines():
+        m = FUSED_RE.search(line)
+        if m:
+            w = WORKER_RE.search(line)
+            rank = int(w.group(1)) if w else 0
+            counts[rank] = counts.get(rank, 0) + int(m.group(1))
+    return counts
+
+
+def run_variant(model, variant, args, max_model_len, vocab_size, log_dir):
+    cfg = {"model": str(model), "fusion": variant == "on", "engine": args.engine,
+           "tp": args.tp, "gpu_mem": args.gpu_mem, "max_model_len": max_model_len,
+           "vocab_size": vocab_size, "batch_sizes": args.batch_sizes,
+           "prompt_lens": args.prompt_lens, "output_len": args.output_len,
+           "iters": args.iters}
+    with tempfile.TemporaryDirectory(prefix="vllm_e2e_bench_") as tmp:
+        out = Path(tmp) / "rows.json"
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child",
+             json.dumps(cfg), str(out)], env=_env(variant, args.engine, tmp),
+            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        if log_dir is not None:
+            name = f"{Path(model).name}-{variant}.log"
+            (log_dir / name).write_text(proc.stdout)
+        if proc.returncode != 0 or not out.exists():
+            print(f"[{Path(model).name} {variant}] engine failed "
+                  f"(rc {proc.returncode}):\n{proc.stdout[-3000:]}", file=sys.stderr)
+            return None, {}
+        return json.loads(out.read_text()), fused_per_rank(proc.stdout)
+
+
+def markdown(results, variants):
+    head = ["model", "B", "P", "O"]
+    for v in variants:
+        head += [f"{v} tok/s", f"{v} latency ms", f"{v} prefill ms"]
+    if "on" in variants and "off" in variants:
+        head += ["on/off tok/s", "on/off latency"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, per_variant in results.items():
+        keys = sorted({(r["batch"], r["prompt_len"], r["output_len"])
+                       for rows in per_variant.values() if rows
+                       for r in rows[0]}, key=lambda k: (k[1], k[0]))
+        for key in keys:
+            cells = [model, *map(str, key)]
+            found = {}
+            for v in variants:
+                rows, _ = per_variant.get(v, (None, {}))
+                row = next((r for r in rows or () if
+                            (r["batch"], r["prompt_len"], r["output_len"]) == key), None)
+                found[v] = row
+                cells += ["-"] * 3 if row is None else [
+                    f"{row['tokens_per_s']:.0f}", f"{row['latency_ms']:.1f}",
+                    f"{row['prefill_ms']:.1f}"]
+            if "on" in variants and "off" in variants:
+                on, off = found["on"], found["off"]
+                cells += ["-"] * 2 if not (on and off) else [
+                    f"{on['tokens_per_s'] / off['tokens_per_s']:.3f}",
+                    f"{on['latency_ms'] / off['latency_ms']:.3f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for model, per_variant in results.items():
+        if "on" in per_variant:
+            notes.append(f"- {model}: fused attention nodes per rank (fusion on): "
+                         f"{per_variant['on'][1] or 'none logged'}")
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        sys.path.insert(0, str(ROOT))
+        _child(json.loads(args.child[0]), args.child[1])
+        return 0
+    why = refusal()
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    variants = args.variants.split(",")
+    log_dir = Path(args.out_dir) if args.out_dir else None
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    models = []
+    with tempfile.TemporaryDirectory(prefix="vllm_e2e_ckpt_") as ckpt_tmp:
+        if not args.no_embedded:
+            sys.path.insert(0, str(ROOT))
+            from cpu_harness.tiny_checkpoint import MAX_POSITIONS, build_checkpoint
+            path = build_checkpoint(Path(ckpt_tmp) / "embedded-tiny-llama-fp8",
+                                    num_layers=args.embedded_layers)
+            models.append((path, MAX_POSITIONS))
+        for m in args.model:
+            path = Path(m)
+            if not (path / "config.json").exists():
+                print(f"--model {m}: no config.json (a local checkpoint "
+                      "directory is needed)", file=sys.stderr)
+                return 2
+            models.append((path, None))
+        if not models:
+            print("nothing to benchmark (--no-embedded and no --model)",
+                  file=sys.stderr)
+            return 2
+        results = {}
+        for path, max_pos in models:
+            cfg = json.loads((path / "config.json").read_text())
+            cfg = cfg.get("text_config", cfg)
+            need = args.max_model_len or max(args.prompt_lens) + args.output_len
+            max_len = min(need, max_pos) if max_pos else need
+            per_variant = {}
+            for v in variants:
+                per_variant[v] = run_variant(path, v, args, max_len,
+                                             cfg["vocab_size"], log_dir)
+            results[path.name] = per_variant
+    table = markdown(results, variants)
+    print(table)
+    if log_dir:
+        (log_dir / "e2e.md").write_text(table)
+        (log_dir / "results.json").write_text(json.dumps(
+            {m: {v: {"rows": r[0], "fused_per_rank": r[1]} for v, r in pv.items()}
+             for m, pv in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
