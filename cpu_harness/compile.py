@@ -302,8 +302,12 @@ def _compile(spec, work_dir, dist_init_method):
     CompilationConfig.init_backend = init_backend
     PostGradPassManager.__call__ = pass_call
     try:
+        # Stand-in for device detection: vLLM's FlashAttention backend asks
+        # torch.cuda for the capability directly (the harness platform says 9.0).
+        from unittest.mock import patch
         with set_current_vllm_config(vllm_config), \
-                set_default_torch_dtype(torch.bfloat16):
+                set_default_torch_dtype(torch.bfloat16), \
+                patch("torch.cuda.get_device_capability", lambda *a, **k: (9, 0)):
             model_cls, _ = get_model_architecture(vllm_config.model_config)
             model = model_cls(vllm_config=vllm_config)
         for module in model.modules():

@@ -53,7 +53,9 @@ def stock_compiled():
 def overlay_compiled():
     """spec -> CompiledModel compiled in this process with the overlay on."""
     import vllm_overlay
-    vllm_overlay.install()
+    mode = vllm_overlay.install()
+    # tests/test_patched_mode.py runs tests again on a patched vLLM copy
+    assert mode == os.environ.get("VLLM_OVERLAY_EXPECT_MODE", "overlay")
     return _Cache(lambda spec: compile_model(spec, work_dir=WORK_DIR))
 
 

@@ -68,6 +68,16 @@ def check_vllm_version(found=None):
             "Nothing was patched.")
 
 
+def active(module):
+    """The live copy of feature module ``module`` ("sticky_split", ...): the
+    one inside vLLM in patched mode, else this package's."""
+    mod = importlib.import_module(f"vllm_overlay.{module}")
+    if mode() == "patched" and getattr(mod, "VLLM_TARGET", None):
+        return importlib.import_module(
+            mod.VLLM_TARGET[:-len(".py")].replace("/", "."))
+    return mod
+
+
 def is_patched_vllm():
     """True when the installed vLLM carries the patch series (file mode)."""
     for name in MODULES:

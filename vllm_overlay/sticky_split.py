@@ -68,20 +68,26 @@ def _layer_name(node):
     return node.kwargs.get("layer_name", node.args[-1])
 
 
+def _root(node):
+    while _is_view(node):
+        node = node.args[0]
+    return node
+
+
 def sticky_nodes(attn, is_sticky):
     """Nodes after ``attn`` that join its piece: the first sticky op fed by
-    its output through views, and that op's post-attention inputs.  None if
-    there is none, or the output (or a view of it) has another reader."""
+    its output (through views), and that op's post-attention inputs.  None
+    if there is none, or anything else reads the output after ``attn``."""
     order = {n: i for i, n in enumerate(attn.graph.nodes)}
     after = lambda n: order[n] > order[attn]  # noqa: E731
-    aliases, sticky = [_attention_output(attn)], None
+    # Every view of the written buffer aliases the attention output.
+    aliases, sticky = [_root(_attention_output(attn))], None
     for alias in aliases:
         for user in sorted(alias.users, key=order.get):
-            if user is attn or not after(user):
-                continue
             if _is_view(user) and user.args[0] is alias:
                 aliases.append(user)
-            elif is_sticky(user) and alias in user.all_input_nodes:
+            elif user is not attn and after(user) and is_sticky(user) \
+                    and alias in user.all_input_nodes:
                 sticky = sticky or user
     if sticky is None:
         return None
@@ -96,9 +102,10 @@ def sticky_nodes(attn, is_sticky):
             stack.append(node)
     # The bf16 output must have no reader outside the piece.
     for alias in aliases:
-        readers = [u for u in alias.users if u is not attn and after(u)]
-        if (alias is not aliases[0] and alias not in pulled) or any(
-                u not in pulled for u in readers):
+        for user in alias.users:
+            if user is attn or not after(user) or user in pulled \
+                    or user in aliases:
+                continue
             return None
     return sorted(pulled, key=order.get)
 
