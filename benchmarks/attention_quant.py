@@ -12,7 +12,6 @@ Variants per shape (median of triton.testing.do_bench):
 
 import argparse
 import datetime
-import importlib.util
 import math
 import os
 import sys
@@ -25,18 +24,10 @@ _ROOT = Path(__file__).resolve().parents[1]
 FP8 = torch.float8_e4m3fn
 
 
-def _load_module():
-    name = "_tpa_bench"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _ROOT / "vllm_overlay" / "triton_paged_attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tpa = _load_module()
+sys.path.insert(0, str(_ROOT))  # run as a script on the GPU box
+# Imports torch + triton only; with vLLM installed the package also
+# installs the overlay, which changes nothing here.
+import vllm_overlay.triton_paged_attention as tpa  # noqa: E402
 
 # vLLM 0.8.5 stock V1 Triton path on the same H100 (DESIGN.md section 5), microseconds
 VLLM_ANCHORS = {"prefill 1x4096": 849, "prefill 4x2048": 867, "prefill 8x512": 172,

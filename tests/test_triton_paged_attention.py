@@ -12,11 +12,8 @@ Tolerances:
 The module is loaded by file path so the test does not depend on vllm_overlay/__init__.py.
 """
 
-import importlib.util
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,21 +25,9 @@ _HAVE_TRITON_TARGET = torch.cuda.is_available() or os.environ.get("TRITON_INTERP
 pytestmark = pytest.mark.skipif(
     not _HAVE_TRITON_TARGET, reason="no CUDA and TRITON_INTERPRET!=1: triton kernels cannot run")
 
-_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_module():
-    name = "_tpa_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _ROOT / "vllm_overlay" / "triton_paged_attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tpa = _load_module()
+# Imports torch + triton only; with vLLM installed the package also
+# installs the overlay, which changes nothing here.
+import vllm_overlay.triton_paged_attention as tpa  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
 

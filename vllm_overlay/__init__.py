@@ -106,6 +106,13 @@ def install():
     # platform resolution (done here) loads _C first, as in vLLM's own entry
     # points.  A freshly spawned process may reach us before that.
     import vllm._custom_ops  # noqa: F401
+    from vllm.platforms import current_platform
+    if not current_platform.is_cuda():
+        # Nothing to fuse: vLLM found no CUDA device (or could not load _C).
+        logger.warning("vllm_overlay: vLLM platform is %s, not CUDA; nothing "
+                       "installed (stock vLLM)", type(current_platform).__name__)
+        _mode = "stock"
+        return _mode
     if is_patched_vllm():
         _mode = "patched"
         return _mode

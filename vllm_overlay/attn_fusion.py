@@ -35,7 +35,7 @@ import vllm_overlay.attention_ops as attention_ops
 import vllm_overlay.attention_quant as attention_quant
 
 VLLM_TARGET = "vllm/compilation/attn_fusion.py"
-VLLM_HOOKS = ("vllm/config.py", )
+VLLM_HOOKS = ("vllm/config.py", "vllm/compilation/pass_manager.py")
 
 logger = logging.getLogger("vllm.overlay")
 
@@ -311,7 +311,12 @@ def _install_pass_manager():
 
 
 def install():
+    import sys
     _install_pass_config()
     _install_json_cli()
     _install_post_init()
-    _install_pass_manager()
+    # vLLM's compilation modules need vllm._C loaded; in a patched vLLM the
+    # config.py hook runs before that, and the pass_manager.py hook after.
+    if "vllm.compilation.pass_manager" in sys.modules or hasattr(
+            torch.ops._C, "static_scaled_fp8_quant"):
+        _install_pass_manager()
