@@ -270,6 +270,9 @@ def _compile(spec, work_dir, dist_init_method):
     if not (model_dir / "config.json").exists():
         build_checkpoint(model_dir, arch=spec.arch, num_layers=spec.num_layers,
                          fmt=spec.fmt)
+    # vLLM caches the backend choice, keyed without VLLM_ATTENTION_BACKEND.
+    from vllm.attention.selector import _cached_get_attn_backend
+    _cached_get_attn_backend.cache_clear()
     vllm_config = _build_vllm_config(spec, model_dir)
     _set_compile_dirs(vllm_config, work_dir, spec)
     _init_distributed(spec.tp_size, spec.tp_rank, dist_init_method)

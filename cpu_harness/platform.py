@@ -26,3 +26,9 @@ class HarnessPlatform(CudaPlatformBase):
     @classmethod
     def is_fully_connected(cls, physical_device_ids) -> bool:
         return True
+
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        # gloo only: vLLM's CUDA communicator would open NCCL on a device.
+        return ("vllm.distributed.device_communicators.base_device_communicator."
+                "DeviceCommunicatorBase")

@@ -32,6 +32,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _default_dtype_stays_float32():
+    """vLLM model construction switches torch's default dtype; make sure no
+    test leaks it into the next one."""
+    import torch
+    yield
+    leaked = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    assert leaked == torch.float32, f"test left default dtype {leaked}"
+
+
 class _Cache:
     def __init__(self, build):
         self.build, self.items = build, {}

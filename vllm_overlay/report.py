@@ -87,6 +87,17 @@ def run(args):
     mode = vllm_overlay.install()
     print(f"  mode          {mode} (patched = vLLM files carry the series; "
           "overlay = runtime patches)")
+    from cpu_harness.load import load_embedded_model
+    from cpu_harness.tiny_checkpoint import build_checkpoint
+    ckpt = build_checkpoint(work_dir / "model", arch=args.arch,
+                            num_layers=args.layers)
+    loaded = load_embedded_model(ckpt, ModelSpec(arch=args.arch,
+                                                 num_layers=args.layers),
+                                 work_dir=work_dir)
+    print(f"  checkpoint    {ckpt}: vLLM's loader filled "
+          f"{len(loaded.loaded)} parameters of {type(loaded.model).__name__} "
+          f"({len(loaded.standin.calls)} FP8 requantizations by the CPU "
+          "stand-in for vLLM's CUDA quant kernel)")
     rows = []
     on = (("enable_attn_fusion", True), )
     for spec_mode in ("piecewise", "full"):
