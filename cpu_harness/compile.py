@@ -163,6 +163,19 @@ def setup_process(work_dir=None):
 
 
 @contextlib.contextmanager
+def default_dtype(dtype):
+    """Like vLLM's ``set_default_torch_dtype``, which (in 0.8.5) leaves the
+    dtype changed when the body raises."""
+    import torch
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@contextlib.contextmanager
 def _env(**values):
     old = {k: os.environ.get(k) for k in values}
     os.environ.update({k: v for k, v in values.items()})
@@ -261,8 +274,7 @@ def _compile(spec, work_dir, dist_init_method):
     from vllm.compilation.pass_manager import PostGradPassManager
     from vllm.config import CompilationConfig, set_current_vllm_config
     from vllm.forward_context import set_forward_context
-    from vllm.model_executor.model_loader.utils import (
-        get_model_architecture, set_default_torch_dtype)
+    from vllm.model_executor.model_loader.utils import get_model_architecture
 
     from cpu_harness.tiny_checkpoint import build_checkpoint
 
@@ -309,7 +321,7 @@ def _compile(spec, work_dir, dist_init_method):
         # torch.cuda for the capability directly (the harness platform says 9.0).
         from unittest.mock import patch
         with set_current_vllm_config(vllm_config), \
-                set_default_torch_dtype(torch.bfloat16), \
+                default_dtype(torch.bfloat16), \
                 patch("torch.cuda.get_device_capability", lambda *a, **k: (9, 0)):
             model_cls, _ = get_model_architecture(vllm_config.model_config)
             model = model_cls(vllm_config=vllm_config)

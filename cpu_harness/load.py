@@ -8,7 +8,7 @@ runs, CUDA is never initialised):
    checkpoint directory (the config of ``cpu_harness.compile``, with the real
    loader instead of ``dummy``);
 2. the model class vLLM picks for the checkpoint, built under
-   ``set_current_vllm_config`` + ``set_default_torch_dtype`` with a gloo
+   ``set_current_vllm_config`` + a default bf16 dtype with a gloo
    single-process distributed init (``cpu_harness.compile`` helpers);
 3. ``model.load_weights(DefaultModelLoader(...).get_all_weights(...))``:
    vLLM's safetensors iterator feeding the model's own weight loaders
@@ -44,7 +44,7 @@ import dataclasses
 import pathlib
 from typing import List, NamedTuple, Optional
 
-from cpu_harness.compile import (ModelSpec, _build_vllm_config, _env,
+from cpu_harness.compile import (ModelSpec, _build_vllm_config, _env, default_dtype,
                                  _init_distributed, setup_process)
 
 FP8_MAX = 448.0  # vLLM's FP8_E4M3_MAX for float8_e4m3fn
@@ -123,8 +123,7 @@ def _load(model_dir, spec, use_standin):
     from vllm.config import LoadConfig, set_current_vllm_config
     from vllm.model_executor.model_loader.loader import (
         DefaultModelLoader, _process_weights_after_loading)
-    from vllm.model_executor.model_loader.utils import (
-        get_model_architecture, set_default_torch_dtype)
+    from vllm.model_executor.model_loader.utils import get_model_architecture
 
     vllm_config = _build_vllm_config(spec, model_dir)
     vllm_config.load_config = LoadConfig(load_format="safetensors")
@@ -132,7 +131,7 @@ def _load(model_dir, spec, use_standin):
     model_config = vllm_config.model_config
     loader = DefaultModelLoader(vllm_config.load_config)
     with set_current_vllm_config(vllm_config), \
-            set_default_torch_dtype(model_config.dtype):
+            default_dtype(model_config.dtype):
         model_cls, _ = get_model_architecture(model_config)
         model = model_cls(vllm_config=vllm_config)
         loaded = model.load_weights(

@@ -32,6 +32,43 @@ sys.path.insert(0, str(_ROOT))  # run as a script on the GPU box
 # Imports torch + triton only; with vLLM installed the package also
 # installs the overlay, which changes nothing here.
 import vllm_overlay.triton_paged_attention as tpa  # noqa: E402
+
+
+def make_batch(q_lens, kv_lens, Hq, Hkv, D, bs, dtype=torch.bfloat16, kv_fp8=False, t_pad=0, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B = len(q_lens)
+    T = sum(q_lens) + t_pad
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    sl = torch.tensor(kv_lens, dtype=torch.int32, device="cuda")
+    maxb = max((k + bs - 1) // bs for k in kv_lens)
+    nb = B * maxb + 7
+    bt = torch.randperm(nb, device="cuda", generator=g)[: B * maxb].reshape(B, maxb).to(torch.int32)
+    q = (torch.randn(T, Hq, D, device="cuda", generator=g) + 0.1).to(dtype)
+    kc = torch.randn(nb, bs, Hkv, D, device="cuda", generator=g) + 0.1
+    vc = torch.randn(nb, bs, Hkv, D, device="cuda", generator=g) + 0.1
+    if kv_fp8:
+        kc, vc = (kc * 16).to(FP8), (vc * 16).to(FP8)
+    else:
+        kc, vc = kc.to(dtype), vc.to(dtype)
+    return q, kc, vc, qsl, sl, bt
+
+
+def poison(shape, dtype):
+    if dtype == FP8:
+        return torch.full(shape, 0xFF, dtype=torch.uint8, device="cuda").view(FP8)
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def fp8_code_distance(a, b):
+    def line(x):
+        u = x.view(torch.uint8).to(torch.int32)
+        mag = u & 0x7F
+        return torch.where(u >= 0x80, -mag, mag)
+    return (line(a) - line(b)).abs()
+
+
+def check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch.bfloat16, t_pad=0,
+               seed=0, q_view=False):
     q, kc, vc, qsl, sl, bt = make_batch(q_lens, kv_lens, Hq, Hkv, D, bs, dtype, kv_fp8, t_pad, seed)
     if q_view:  # non-contiguous query view (as a slice of a fused qkv tensor)
         qkv = torch.randn(q.shape[0], Hq + 2 * Hkv, D, device="cuda", dtype=dtype)
@@ -122,7 +159,6 @@ if pytest is not None:
 
 
 def _quant_check():
-    tpa = _load_module()
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 30
     s = torch.tensor([0.05], device="cuda")
     out = poison(x.shape, FP8)
@@ -151,7 +187,6 @@ def _quant_check():
 
 
 def _graph_check():
-    tpa = _load_module()
     q, kc, vc, qsl, sl, bt = make_batch([1] * 8, [900] * 8, 32, 8, 128, 16)
     out8 = poison(q.shape, FP8)
     os_ = torch.tensor([0.02], device="cuda")
