@@ -17,8 +17,6 @@ VLLM_HOOKS = ()
 # A child of vLLM's configured "vllm" logger, in both modes.
 logger = logging.getLogger("vllm.overlay")
 
-_stock_run_engine_core = None
-
 
 def run_engine_core(*args, **kwargs):
     """Engine-core process entry: overlay first, then vLLM's loop."""
