@@ -56,12 +56,14 @@ def _impl_class():
             if attn_metadata is None:  # profiling run
                 return output
             key_cache, value_cache = kv_cache.unbind(0)
-            if self.kv_cache_dtype.startswith("fp8"):
-                key_cache = key_cache.view(torch.float8_e4m3fn)
-                value_cache = value_cache.view(torch.float8_e4m3fn)
+            # Written as allocated (uint8 for fp8, like vLLM's FlashAttention
+            # backend does), read by the kernel as float8_e4m3fn.
             torch.ops._C_cache_ops.reshape_and_cache_flash(
                 key, value, key_cache, value_cache, attn_metadata.slot_mapping,
                 self.kv_cache_dtype, layer._k_scale, layer._v_scale)
+            if self.kv_cache_dtype.startswith("fp8"):
+                key_cache = key_cache.view(torch.float8_e4m3fn)
+                value_cache = value_cache.view(torch.float8_e4m3fn)
             window = self.sliding_window[0]
             kernel.paged_attention(
                 query, key_cache, value_cache, output,
