@@ -258,13 +258,50 @@ def spec_key(spec):
     return f"{spec.arch}-{spec.mode}-{spec.engine}-{digest}"
 
 
+@contextlib.contextmanager
+def spec_env(spec):
+    """``spec``'s engine and attention backend, freshly selected: vLLM caches
+    the backend choice keyed without VLLM_ATTENTION_BACKEND."""
+    with _env(VLLM_USE_V1="1" if spec.engine == "v1" else "0",
+              VLLM_ATTENTION_BACKEND=spec.attention_backend):
+        from vllm.attention.selector import _cached_get_attn_backend
+        _cached_get_attn_backend.cache_clear()
+        yield
+
+
+def ensure_checkpoint(model_dir, spec):
+    """``model_dir``, with the embedded checkpoint of ``spec`` built there if
+    it holds none."""
+    model_dir = pathlib.Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        from cpu_harness.tiny_checkpoint import build_checkpoint
+        build_checkpoint(model_dir, arch=spec.arch, num_layers=spec.num_layers,
+                         fmt=spec.fmt)
+    return model_dir
+
+
+def build_model(vllm_config):
+    """The model class vLLM picks for the config, constructed on CPU."""
+    import torch
+    from unittest.mock import patch
+
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import get_model_architecture
+
+    # Stand-in for device detection: vLLM's FlashAttention backend asks
+    # torch.cuda for the capability directly (the harness platform says 9.0).
+    with set_current_vllm_config(vllm_config), \
+            default_dtype(vllm_config.model_config.dtype), \
+            patch("torch.cuda.get_device_capability", lambda *a, **k: (9, 0)):
+        model_cls, _ = get_model_architecture(vllm_config.model_config)
+        return model_cls(vllm_config=vllm_config)
+
+
 def compile_model(spec: ModelSpec = ModelSpec(), work_dir=None,
                   dist_init_method: Optional[str] = None) -> CompiledModel:
     """Build, compile and capture; see the module docstring."""
     work_dir = setup_process(work_dir)
-    backend_env = {"VLLM_USE_V1": "1" if spec.engine == "v1" else "0",
-                   "VLLM_ATTENTION_BACKEND": spec.attention_backend}
-    with _env(**backend_env):
+    with spec_env(spec):
         return _compile(spec, work_dir, dist_init_method)
 
 
@@ -274,17 +311,9 @@ def _compile(spec, work_dir, dist_init_method):
     from vllm.compilation.pass_manager import PostGradPassManager
     from vllm.config import CompilationConfig, set_current_vllm_config
     from vllm.forward_context import set_forward_context
-    from vllm.model_executor.model_loader.utils import get_model_architecture
 
-    from cpu_harness.tiny_checkpoint import build_checkpoint
-
-    model_dir = work_dir / f"{spec.arch}-{spec.fmt}-{spec.num_layers}l"
-    if not (model_dir / "config.json").exists():
-        build_checkpoint(model_dir, arch=spec.arch, num_layers=spec.num_layers,
-                         fmt=spec.fmt)
-    # vLLM caches the backend choice, keyed without VLLM_ATTENTION_BACKEND.
-    from vllm.attention.selector import _cached_get_attn_backend
-    _cached_get_attn_backend.cache_clear()
+    model_dir = ensure_checkpoint(
+        work_dir / f"{spec.arch}-{spec.fmt}-{spec.num_layers}l", spec)
     vllm_config = _build_vllm_config(spec, model_dir)
     _set_compile_dirs(vllm_config, work_dir, spec)
     _init_distributed(spec.tp_size, spec.tp_rank, dist_init_method)
@@ -317,14 +346,7 @@ def _compile(spec, work_dir, dist_init_method):
     CompilationConfig.init_backend = init_backend
     PostGradPassManager.__call__ = pass_call
     try:
-        # Stand-in for device detection: vLLM's FlashAttention backend asks
-        # torch.cuda for the capability directly (the harness platform says 9.0).
-        from unittest.mock import patch
-        with set_current_vllm_config(vllm_config), \
-                default_dtype(torch.bfloat16), \
-                patch("torch.cuda.get_device_capability", lambda *a, **k: (9, 0)):
-            model_cls, _ = get_model_architecture(vllm_config.model_config)
-            model = model_cls(vllm_config=vllm_config)
+        model = build_model(vllm_config)
         for module in model.modules():
             quant_method = getattr(module, "quant_method", None)
             if quant_method is not None and hasattr(quant_method,

@@ -44,8 +44,9 @@ import dataclasses
 import pathlib
 from typing import List, NamedTuple, Optional
 
-from cpu_harness.compile import (ModelSpec, _build_vllm_config, _env, default_dtype,
-                                 _init_distributed, setup_process)
+from cpu_harness.compile import (ModelSpec, _build_vllm_config, _init_distributed,
+                                 build_model, default_dtype, ensure_checkpoint,
+                                 setup_process, spec_env)
 
 FP8_MAX = 448.0  # vLLM's FP8_E4M3_MAX for float8_e4m3fn
 
@@ -107,14 +108,8 @@ def load_embedded_model(model_dir, spec: ModelSpec = ModelSpec(),
     see the module docstring.  ``use_standin=False`` runs vLLM's
     post-processing as is (fails on CPU for fused per-tensor FP8 shards)."""
     setup_process(work_dir)
-    model_dir = pathlib.Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        from cpu_harness.tiny_checkpoint import build_checkpoint
-        build_checkpoint(model_dir, arch=spec.arch, fmt=spec.fmt,
-                         num_layers=spec.num_layers)
-    backend_env = {"VLLM_USE_V1": "1" if spec.engine == "v1" else "0",
-                   "VLLM_ATTENTION_BACKEND": spec.attention_backend}
-    with _env(**backend_env):
+    model_dir = ensure_checkpoint(model_dir, spec)
+    with spec_env(spec):
         return _load(model_dir, spec, use_standin)
 
 
@@ -123,17 +118,15 @@ def _load(model_dir, spec, use_standin):
     from vllm.config import LoadConfig, set_current_vllm_config
     from vllm.model_executor.model_loader.loader import (
         DefaultModelLoader, _process_weights_after_loading)
-    from vllm.model_executor.model_loader.utils import get_model_architecture
 
     vllm_config = _build_vllm_config(spec, model_dir)
     vllm_config.load_config = LoadConfig(load_format="safetensors")
     _init_distributed(spec.tp_size, spec.tp_rank)
     model_config = vllm_config.model_config
     loader = DefaultModelLoader(vllm_config.load_config)
+    model = build_model(vllm_config)
     with set_current_vllm_config(vllm_config), \
             default_dtype(model_config.dtype):
-        model_cls, _ = get_model_architecture(model_config)
-        model = model_cls(vllm_config=vllm_config)
         loaded = model.load_weights(
             loader.get_all_weights(model_config, model))
         standin = contextlib.nullcontext(StandinLog())
