@@ -6,16 +6,22 @@ dist-info; the venv's own vLLM is only read.  Most tests use a fake overlay
 package written to a temp dir (so they do not depend on the state of
 vllm_overlay/); test_real_overlay_* run on the real package once its modules
 exist.  No test imports vLLM.
+
+VLLM_OVERLAY_TEST_APPLY=/path/to/apply.py runs the apply.py tests against
+another copy of the script (e.g. an older one, to see what a test catches).
 """
 import base64
+import contextlib
 import csv
 import hashlib
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -24,8 +30,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 PY = sys.executable
 MAKE = REPO / "tools" / "make_patches.py"
-APPLY = REPO / "apply.py"
+APPLY = Path(os.environ.get("VLLM_OVERLAY_TEST_APPLY", REPO / "apply.py"))
 VERSION = "0.8.5.post1"
+
+
+def _load_apply():
+    """apply.py as a module (it imports nothing heavy): for lock_path_for."""
+    spec = importlib.util.spec_from_file_location("apply_under_test", APPLY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+APPLY_MOD = _load_apply()
 
 
 def _venv_vllm() -> Path:
@@ -198,17 +215,71 @@ def tree_for(golden, dst_site, patches):
 
 @pytest.fixture
 def vtree(tmp_path, golden, fake_patches):
-    return tree_for(golden, tmp_path / "root" / "site-packages",
-                    fake_patches)
+    vllm_dir = tree_for(golden, tmp_path / "root" / "site-packages",
+                        fake_patches)
+    yield vllm_dir
+    forget_lock(vllm_dir)
 
 
-def run_apply(vllm_dir, patches, *args, env=None, prefix=()):
-    e = dict(os.environ, VLLM_OVERLAY_LOCK_DIR=str(
-        Path(vllm_dir).parent.parent / "locks"))
+def forget_lock(vllm_dir):
+    """apply.py's lock files live in one shared place: remove a test tree's
+    (no run holds it any more)."""
+    with contextlib.suppress(OSError):
+        APPLY_MOD.lock_path_for(vllm_dir).unlink()
+
+
+# Runs apply.py's main() in a child with two test-only knobs (apply.py has
+# no test hook):
+#   T_LOCK_DIR    sets apply.LOCK_DIR;
+#   T_PAUSE=N:M   wraps os.replace: once N temp files have been renamed into
+#                 the tree, the next rename (its temp file written and
+#                 fsynced) first creates the file M and sleeps, so the test
+#                 can deliver a signal there, inside the write phase.
+WRAPPER = r"""
+import os, pathlib, sys, time
+sys.path.insert(0, os.path.dirname(os.environ["T_APPLY"]))
+import apply
+if os.environ.get("T_LOCK_DIR"):
+    apply.LOCK_DIR = pathlib.Path(os.environ["T_LOCK_DIR"])
+if os.environ.get("T_PAUSE"):
+    n, marker = os.environ["T_PAUSE"].split(":", 1)
+    real_replace, renames = os.replace, []
+    def replace(src, dst):
+        if ".vllm-overlay-" in str(src):
+            renames.append(dst)
+            if len(renames) == int(n) + 1:
+                pathlib.Path(marker).touch()
+                time.sleep(60)
+        return real_replace(src, dst)
+    os.replace = replace
+sys.exit(apply.main(sys.argv[1:]))
+"""
+
+
+def apply_cmd(vllm_dir, patches, *args, env=None, prefix=(), lock_dir=None,
+              pause=None):
+    """(command, environment) running apply.py; with ``lock_dir`` or
+    ``pause`` (N, marker) through WRAPPER."""
+    e = dict(os.environ)
     e.update(env or {})
-    cmd = [*prefix, PY, str(APPLY), "--vllm-path", str(vllm_dir),
+    script = [str(APPLY)]
+    if lock_dir is not None or pause is not None:
+        script = ["-c", WRAPPER]
+        e["T_APPLY"] = str(APPLY)
+    if lock_dir is not None:
+        # T_LOCK_DIR for apply.py; VLLM_OVERLAY_LOCK_DIR is what apply.py
+        # read before issue 13 (to run these tests against it)
+        e["T_LOCK_DIR"] = e["VLLM_OVERLAY_LOCK_DIR"] = str(lock_dir)
+    if pause is not None:
+        e["T_PAUSE"] = f"{pause[0]}:{pause[1]}"
+    cmd = [*prefix, PY, *script, "--vllm-path", str(vllm_dir),
            "--patches", str(patches), *args]
-    return subprocess.run(cmd, env=e, capture_output=True, text=True,
+    return cmd, e
+
+
+def run_apply(vllm_dir, patches, *args, **kw):
+    cmd, env = apply_cmd(vllm_dir, patches, *args, **kw)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True,
                           timeout=60)
 
 
@@ -462,11 +533,13 @@ def test_apply_status_noop_revert_roundtrip(vtree, fake_patches):
     assert r.returncode == 0 and "nothing to revert" in r.stdout
 
 
-def _refused_unchanged(vtree, patches, *args, expect, env=None, prefix=()):
+def _refused_unchanged(vtree, patches, *args, expect, vllm_path=None,
+                       **kw):
     before = snapshot(vtree)
-    r = run_apply(vtree, patches, *args, env=env, prefix=prefix)
+    r = run_apply(vllm_path or vtree, patches, *args, **kw)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "refused" in r.stderr and expect in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
     assert snapshot(vtree) == before, "the vLLM tree changed"
     return r
 
@@ -582,27 +655,32 @@ def test_read_only_refused(vtree, fake_patches, how):
         subprocess.run(["chattr", "-i", str(target)], check=True)
 
 
-def test_concurrent_run_refused(vtree, fake_patches):
-    env = dict(os.environ, VLLM_OVERLAY_LOCK_DIR=str(
-        vtree.parent.parent / "locks"), PYTHONPATH=str(REPO))
-    # (the holder uses apply.py's own lock class)
+@contextlib.contextmanager
+def holding_lock(vllm_dir, env=None):
+    """Another process holds apply.py's own lock (RunLock) on ``vllm_dir``."""
+    e = dict(os.environ, PYTHONPATH=str(APPLY.parent), **(env or {}))
     holder = subprocess.Popen(
         [PY, "-c", "import sys, apply, pathlib\n"
-         f"with apply.RunLock(pathlib.Path({str(vtree)!r})):\n"
+         f"with apply.RunLock(pathlib.Path({str(vllm_dir)!r})):\n"
          "    print('locked', flush=True); sys.stdin.read()"],
-        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env=e, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+
+
+def test_concurrent_run_refused(vtree, fake_patches):
+    with holding_lock(vtree):
         _refused_unchanged(vtree, fake_patches,
                            expect="another apply.py run is working on")
         _refused_unchanged(vtree, fake_patches, "--revert",
                            expect="lock")
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
     assert run_apply(vtree, fake_patches).returncode == 0
     # the lock file lives outside the vLLM tree
-    assert list((vtree.parent.parent / "locks").glob("*.lock"))
+    assert APPLY_MOD.lock_path_for(vtree).is_file()
     assert not list(vtree.parent.rglob("*.lock"))
 
 
@@ -638,6 +716,234 @@ def test_series_names_missing_patch(vtree, fake_patches, tmp_path):
         '"vllm/attention/fake_b.py": "', '"vllm/attention/fake_b.py": "0'))
     _refused_unchanged(vtree, patches, expect="does not match "
                        + str(patches / "patched.lock"))
+
+
+# --------------------------------------------------------------------------
+# apply.py: interruption, mixed trees, --vllm-path, lock, bytecode, owner
+# --------------------------------------------------------------------------
+
+def temp_files(site: Path):
+    return sorted(site.rglob(".*.vllm-overlay-*.tmp"))
+
+
+def interrupt(vtree, patches, tmp_path, sig, after, *args):
+    """Run apply.py, deliver ``sig`` once ``after`` files are in place (the
+    next one's temp file written); return the finished process's result."""
+    marker = tmp_path / "paused"
+    marker.unlink(missing_ok=True)
+    cmd, env = apply_cmd(vtree, patches, *args, pause=(after, marker))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"apply.py never reached file {after + 1} of its "
+                        f"write phase (rc {proc.returncode}):\n{out}{err}")
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("sig,revert,after", [
+    (signal.SIGINT, False, 2),
+    (signal.SIGTERM, False, 2),
+    (signal.SIGINT, True, 1),
+], ids=["apply-SIGINT", "apply-SIGTERM", "revert-SIGINT"])
+def test_signal_in_write_phase_rolls_back(vtree, fake_patches, tmp_path,
+                                          sig, revert, after):
+    args = ("--revert",) if revert else ()
+    if revert:
+        assert run_apply(vtree, fake_patches).returncode == 0
+    before = snapshot(vtree)
+    r = interrupt(vtree, fake_patches, tmp_path, sig, after, *args)
+    assert not temp_files(vtree.parent)
+    st = run_apply(vtree, fake_patches, "--status").stdout
+    assert snapshot(vtree) == before, f"the vLLM tree changed:\n{st}"
+    assert r.returncode == 128 + sig, (r.returncode, r.stderr)
+    assert "rolled back: the vLLM tree is as before" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("revert,after", [(False, 0), (False, 2), (True, 1)],
+                         ids=["apply-at-0", "apply-at-2", "revert-at-1"])
+def test_sigkill_in_write_phase_recovers(vtree, fake_patches, tmp_path,
+                                         revert, after):
+    site = vtree.parent
+    args = ("--revert",) if revert else ()
+    if revert:
+        assert run_apply(vtree, fake_patches).returncode == 0
+    r = interrupt(vtree, fake_patches, tmp_path, signal.SIGKILL, after,
+                  *args)
+    assert r.returncode == -signal.SIGKILL
+    temps = temp_files(site)
+    assert len(temps) == 1, temps  # the next file's, before its rename
+    r = run_apply(vtree, fake_patches, "--status")
+    assert r.returncode == 1, r.stdout
+    assert f"temp      {temps[0]} (left by killed pid" in r.stdout, r.stdout
+    assert "with temporary files of an interrupted run" in r.stdout
+    r = run_apply(vtree, fake_patches, "--check", *args)
+    assert r.returncode == 0 and f"would remove {temps[0]}" in r.stdout
+    assert temps[0].exists()
+    # the same command again completes the tree and removes the temp file
+    r = run_apply(vtree, fake_patches, *args)
+    assert r.returncode == 0, r.stderr
+    assert f"removed {temps[0]}" in r.stdout, r.stdout
+    assert not temp_files(site)
+    if revert:
+        assert_pristine_by_record(vtree, full=True)
+        assert not (vtree / "fake_overlay_dir").exists()
+    else:
+        for rel, h in lock_hashes(fake_patches).items():
+            assert hex_of(site / rel) == h, rel
+    r = run_apply(vtree, fake_patches, "--status")
+    assert r.returncode == 0 and "temp " not in r.stdout, r.stdout
+
+
+def test_mixed_tree_completes(vtree, fake_patches, golden):
+    site = vtree.parent
+    assert run_apply(vtree, fake_patches).returncode == 0
+    # a partial reinstall: a hooked file back to pristine, an added file gone
+    for rel in ("vllm/attention/layer.py", "vllm/compilation/fake_a.py"):
+        (site / rel).unlink()
+    shutil.copy2(golden / "attention" / "layer.py",
+                 site / "vllm/attention/layer.py")
+    r = run_apply(vtree, fake_patches, "--status")
+    assert r.returncode == 1 and "state: mixed" in r.stdout, r.stdout
+    r = run_apply(vtree, fake_patches, "--check")
+    assert r.returncode == 0, r.stderr
+    r = run_apply(vtree, fake_patches)
+    assert r.returncode == 0, r.stderr
+    assert "partly patched: 3 of 5 files" in r.stdout, r.stdout
+    assert "(2 files changed)" in r.stdout, r.stdout
+    for rel, h in lock_hashes(fake_patches).items():
+        assert hex_of(site / rel) == h, rel
+    # and back: revert from a mixed tree
+    pm = "vllm/compilation/pass_manager.py"
+    (site / pm).unlink()
+    shutil.copy2(golden / "compilation" / "pass_manager.py", site / pm)
+    r = run_apply(vtree, fake_patches, "--revert")
+    assert r.returncode == 0, r.stderr
+    assert "partly patched: 4 of 5 files" in r.stdout, r.stdout
+    assert_pristine_by_record(vtree, full=True)
+    assert not (vtree / "fake_overlay_dir").exists()
+
+
+def test_vllm_path_must_be_the_vllm_package(vtree, fake_patches):
+    # another package beside vllm/ (apply.py used to patch the vllm/ next
+    # to it, locking the wrong path)
+    other = vtree.parent / "notvllm"
+    other.mkdir()
+    (other / "__init__.py").write_text("")
+    for args in ((), ("--status",)):
+        _refused_unchanged(vtree, fake_patches, *args, vllm_path=other,
+                           expect="is not the vllm package directory")
+
+
+def test_one_lock_whatever_the_path_or_tmpdir(vtree, fake_patches,
+                                              tmp_path):
+    link = tmp_path / "elsewhere" / "vllm"
+    link.parent.mkdir()
+    link.symlink_to(vtree)
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t2").mkdir()
+    with holding_lock(vtree, env={"TMPDIR": str(tmp_path / "t1")}):
+        for path in (vtree, link):
+            _refused_unchanged(vtree, fake_patches, vllm_path=path,
+                               env={"TMPDIR": str(tmp_path / "t2")},
+                               expect="another apply.py run is working on")
+    r = run_apply(link, fake_patches)
+    assert r.returncode == 0, r.stderr
+    assert f"to vLLM {VERSION} at {vtree}" in r.stdout
+
+
+@pytest.mark.parametrize("how", ["dir-is-file", "dir-is-proc-self",
+                                 "dir-writable-not-sticky", "symlink",
+                                 "hardlink"])
+def test_hostile_lock_path_refused(vtree, fake_patches, tmp_path, how):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's file\n")
+    victim.chmod(0o666)
+    locks = tmp_path / "locks"
+    if how == "dir-is-file":
+        locks = victim
+    elif how == "dir-is-proc-self":
+        locks.symlink_to("/proc/self")
+    else:
+        locks.mkdir(mode=0o755)
+        if how == "dir-writable-not-sticky":
+            locks.chmod(0o777)
+        else:
+            lock = locks / APPLY_MOD.lock_path_for(vtree).name
+            if how == "symlink":
+                lock.symlink_to(victim)
+            else:
+                os.link(victim, lock)
+    before = snapshot(vtree)
+    for args in (("--check",), ()):
+        r = run_apply(vtree, fake_patches, *args, lock_dir=locks)
+        assert victim.read_bytes() == b"someone else's file\n", args
+        assert r.returncode == 1 and "refused" in r.stderr, r.stdout
+        assert "remove it" in r.stderr and "Traceback" not in r.stderr, \
+            r.stderr
+        assert snapshot(vtree) == before
+
+
+@pytest.mark.parametrize("how", ["immutable", "directory"])
+def test_unremovable_stale_bytecode_warns(vtree, fake_patches, how):
+    site = vtree.parent
+    pyc = vtree / "compilation" / "__pycache__" / \
+        "pass_manager.cpython-311.pyc"
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.unlink(missing_ok=True)
+    if how == "directory":  # unlink(2) fails, for root too
+        pyc.mkdir()
+        (pyc / "x").write_text("x")
+    else:
+        pyc.write_bytes(b"stale")
+        if shutil.which("chattr") is None or subprocess.run(
+                ["chattr", "+i", str(pyc)], capture_output=True).returncode:
+            pytest.skip("chattr +i is not supported here")
+    try:
+        r = run_apply(vtree, fake_patches, "--check")
+        assert r.returncode == 0, r.stderr
+        assert f"warning: stale bytecode {pyc}" in r.stderr, r.stderr
+        for args in ((), ("--revert",)):
+            r = run_apply(vtree, fake_patches, *args)
+            assert r.returncode == 0, r.stderr
+            assert "Traceback" not in r.stderr, r.stderr
+            assert f"warning: could not remove stale bytecode {pyc}" \
+                in r.stderr, r.stderr
+            if not args:
+                for rel, h in lock_hashes(fake_patches).items():
+                    assert hex_of(site / rel) == h, rel
+    finally:
+        if how == "immutable":
+            subprocess.run(["chattr", "-i", str(pyc)], check=True)
+        else:
+            shutil.rmtree(pyc)
+    assert_pristine_by_record(vtree, full=True)
+
+
+def test_owner_and_mode_kept(vtree, fake_patches):
+    site = vtree.parent
+    want = {"vllm/attention/layer.py": (12345, 12346, 0o640),
+            "vllm/compilation/pass_manager.py": (23456, 0, 0o604)}
+    for rel, (uid, gid, mode) in want.items():
+        p = site / rel
+        assert p.stat().st_nlink == 1  # a copy, not the golden tree's file
+        os.chown(p, uid, gid)
+        p.chmod(mode)
+    for args in ((), ("--revert",)):
+        r = run_apply(vtree, fake_patches, *args)
+        assert r.returncode == 0, r.stderr
+        for rel, (uid, gid, mode) in want.items():
+            st = (site / rel).stat()
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == \
+                (uid, gid, mode), (args, rel)
+    assert_pristine_by_record(vtree, full=True)
 
 
 # --------------------------------------------------------------------------
@@ -679,10 +985,13 @@ def test_real_overlay_apply_revert(tmp_path, golden):
     if not (patches / "series").is_file():
         pytest.fail("patches/series is missing: run `make patches`")
     vtree = tree_for(golden, tmp_path / "root" / "site-packages", patches)
-    r = run_apply(vtree, patches)
-    assert r.returncode == 0, r.stderr
-    for rel, h in lock_hashes(patches).items():
-        assert hex_of(vtree.parent / rel) == h, rel
-    r = run_apply(vtree, patches, "--revert")
-    assert r.returncode == 0, r.stderr
-    assert_pristine_by_record(vtree)
+    try:
+        r = run_apply(vtree, patches)
+        assert r.returncode == 0, r.stderr
+        for rel, h in lock_hashes(patches).items():
+            assert hex_of(vtree.parent / rel) == h, rel
+        r = run_apply(vtree, patches, "--revert")
+        assert r.returncode == 0, r.stderr
+        assert_pristine_by_record(vtree)
+    finally:
+        forget_lock(vtree)
