@@ -13,7 +13,14 @@ vLLM produced:
 Configurations:
   ``piecewise``  vLLM V1 as shipped: the two attention ops split the graph;
   ``full``       one graph (``splitting_ops=[]``), as V0 compiles and as
-                 upstream later fused attention + quant.
+                 upstream later fused attention + quant;
+  ``eager``      no torch.compile (the reference for executed runs).
+
+With ``execute`` (the default) the weights come from the embedded
+checkpoint through vLLM's loader and the model runs ``execute.STEPS``: the
+first step triggers the compilation, and every compiled piece then runs
+(``CompiledModel.outputs``); without it, compilation stops before anything
+executes (stock vLLM's graphs, compared in a subprocess).
 """
 import contextlib
 import dataclasses
@@ -56,6 +63,8 @@ class PostGrad:
     after: object                     # fx.Graph after them
     targets_before: list
     targets_after: list
+    inputs_before: list               # placeholder names before the passes
+    inputs_after: list                # ... and right after them
 
 
 @dataclasses.dataclass
@@ -63,10 +72,12 @@ class CompiledModel:
     spec: ModelSpec
     vllm_config: object
     model: object
-    backend: object                   # the VllmBackend that compiled it
+    backend: object                   # the VllmBackend that compiled it (None: eager)
     dynamo_graph: object
     pieces: list
     post_grad: list
+    runner: object = None             # execute.Runner (its KV caches)
+    outputs: list = None              # execute.StepOutput per step
 
     def piece_ops(self, piece):
         return op_counts(piece.graph.graph)
@@ -189,32 +200,21 @@ def _env(**values):
                 os.environ[k] = v
 
 
-def _fill_fp8_weights(model, seed):
-    """Random FP8 weights and realistic scales, set after vLLM processed them."""
-    import torch
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if weight is None or weight.dtype != torch.float8_e4m3fn:
-                continue
-            w = torch.randn(weight.shape, generator=gen) * 0.5
-            weight.copy_(w.clamp(-448, 448).to(torch.float8_e4m3fn))
-            for name, value in (("weight_scale", 0.02), ("input_scale", 0.05)):
-                scale = getattr(module, name, None)
-                if isinstance(scale, torch.Tensor):
-                    scale.fill_(value)
-
-
 def _build_vllm_config(spec, model_dir):
     from vllm.config import (CacheConfig, CompilationConfig, CompilationLevel,
                              DeviceConfig, LoadConfig, ModelConfig,
                              ParallelConfig, SchedulerConfig, VllmConfig)
+    eager = spec.mode == "eager"
     model_config = ModelConfig(
         model=str(model_dir), task="generate", tokenizer=str(model_dir),
         tokenizer_mode="auto", trust_remote_code=False, dtype="bfloat16",
-        seed=0, skip_tokenizer_init=True, max_model_len=256)
-    compilation_config = CompilationConfig(level=CompilationLevel.PIECEWISE)
+        seed=0, skip_tokenizer_init=True, max_model_len=256,
+        enforce_eager=eager)
+    # eager: no torch.compile, and the same native ops the compiled model
+    # traces (V1 compiles with custom_ops=["none"]).
+    compilation_config = CompilationConfig(
+        level=CompilationLevel.NO_COMPILATION, custom_ops=["none"]) if eager \
+        else CompilationConfig(level=CompilationLevel.PIECEWISE)
     if spec.mode == "full":
         compilation_config.splitting_ops = []
     vllm_config = VllmConfig(
@@ -297,15 +297,26 @@ def build_model(vllm_config):
         return model_cls(vllm_config=vllm_config)
 
 
+def executable(spec: ModelSpec) -> bool:
+    """Whether the CPU harness can run ``spec`` with the overlay installed:
+    attention must be the overlay's Triton backend (vLLM's FlashAttention
+    and stock Triton kernels have no CPU stand-in) on one rank."""
+    return spec.attention_backend == "TRITON_ATTN_VLLM_V1" and spec.tp_size == 1
+
+
 def compile_model(spec: ModelSpec = ModelSpec(), work_dir=None,
-                  dist_init_method: Optional[str] = None) -> CompiledModel:
-    """Build, compile and capture; see the module docstring."""
+                  dist_init_method: Optional[str] = None,
+                  execute: Optional[bool] = None) -> CompiledModel:
+    """Build, compile, capture (and run, by default where ``executable``);
+    see the module docstring."""
     work_dir = setup_process(work_dir)
+    if execute is None:
+        execute = executable(spec)
     with spec_env(spec):
-        return _compile(spec, work_dir, dist_init_method)
+        return _compile(spec, work_dir, dist_init_method, execute)
 
 
-def _compile(spec, work_dir, dist_init_method):
+def _compile(spec, work_dir, dist_init_method, execute):
     import torch
     import vllm.compilation.backends as backends
     from vllm.compilation.pass_manager import PostGradPassManager
@@ -329,6 +340,9 @@ def _compile(spec, work_dir, dist_init_method):
 
     def init_backend(self, cfg):
         vllm_backend = orig_init_backend(self, cfg)
+        captured["backend"] = vllm_backend
+        if execute:
+            return vllm_backend
 
         def stop_after_compile(graph, example_inputs):
             vllm_backend(graph, example_inputs)
@@ -339,20 +353,24 @@ def _compile(spec, work_dir, dist_init_method):
 
     def pass_call(self, graph):
         before = str(graph)
-        targets_before = _targets(graph)
+        targets_before, inputs_before = _targets(graph), _inputs(graph)
         orig_pass_call(self, graph)
-        post_grad.append(PostGrad(before, graph, targets_before, _targets(graph)))
+        post_grad.append(PostGrad(before, graph, targets_before, _targets(graph),
+                                  inputs_before, _inputs(graph)))
 
     CompilationConfig.init_backend = init_backend
     PostGradPassManager.__call__ = pass_call
+    runner = outputs = None
     try:
         model = build_model(vllm_config)
-        for module in model.modules():
-            quant_method = getattr(module, "quant_method", None)
-            if quant_method is not None and hasattr(quant_method,
-                                                    "process_weights_after_loading"):
-                quant_method.process_weights_after_loading(module)
-        _fill_fp8_weights(model, seed=0)
+        from cpu_harness.load import load_weights
+        load_weights(model, vllm_config)
+        if execute:
+            from cpu_harness.execute import Runner
+            runner = Runner(model, vllm_config)
+            outputs = runner.run()
+            return _result(spec, vllm_config, model, captured, post_grad,
+                           runner, outputs)
         num_tokens = 8
         input_ids = torch.randint(0, 100, (num_tokens, ), dtype=torch.long)
         positions = torch.arange(num_tokens, dtype=torch.long)
@@ -366,13 +384,24 @@ def _compile(spec, work_dir, dist_init_method):
     finally:
         CompilationConfig.init_backend = orig_init_backend
         PostGradPassManager.__call__ = orig_pass_call
+    return _result(spec, vllm_config, model, captured, post_grad, None, None)
+
+
+def _result(spec, vllm_config, model, captured, post_grad, runner, outputs):
+    if spec.mode == "eager":
+        return CompiledModel(spec, vllm_config, model, None, None, [], [],
+                             runner, outputs)
     if "backend" not in captured:
         raise RuntimeError("VllmBackend was never called: nothing compiled")
     vllm_backend = captured["backend"]
     pieces = [Piece(item.submod_name, item.is_splitting_graph, item.graph)
               for item in vllm_backend.piecewise_graphs]
     return CompiledModel(spec, vllm_config, model, vllm_backend,
-                         vllm_backend.graph, pieces, post_grad)
+                         vllm_backend.graph, pieces, post_grad, runner, outputs)
+
+
+def _inputs(graph):
+    return [node.name for node in graph.nodes if node.op == "placeholder"]
 
 
 def _targets(graph):
@@ -431,7 +460,8 @@ def _main(argv):
         import vllm_overlay
         vllm_overlay.install()
     compiled = compile_model(ModelSpec(**fields), work_dir=argv[2],
-                             dist_init_method=argv[4] or None)
+                             dist_init_method=argv[4] or None,
+                             execute=None if argv[3] == "1" else False)
     pathlib.Path(argv[1]).write_text(json.dumps(summarize(compiled)))
 
 

@@ -44,6 +44,8 @@ import dataclasses
 import pathlib
 from typing import List, NamedTuple, Optional
 
+import stand_ins
+
 from cpu_harness.compile import (ModelSpec, _build_vllm_config, _init_distributed,
                                  build_model, default_dtype, ensure_checkpoint,
                                  setup_process, spec_env)
@@ -52,20 +54,12 @@ FP8_MAX = 448.0  # vLLM's FP8_E4M3_MAX for float8_e4m3fn
 
 
 def cpu_static_scaled_fp8_quant(result, input, scale):
-    """STAND-IN (CPU) for ``_C::static_scaled_fp8_quant(result, input, scale)``.
-
-    Writes ``fp8_e4m3fn(clamp(float(input) * (1 / scale), -448, 448))`` into
-    ``result`` (RTNE; NaN clamps like CUDA's fminf/fmaxf).  ``scale`` is the
-    dequantization scale, one element."""
+    """STAND-IN (CPU) for ``_C::static_scaled_fp8_quant`` (the shared
+    ``stand_ins`` kernel; it also refuses a non-FP8 result)."""
     import torch
-    if scale.numel() != 1:
-        raise ValueError("static_scaled_fp8_quant takes a per-tensor scale")
     if result.dtype != torch.float8_e4m3fn:
         raise TypeError(f"stand-in writes float8_e4m3fn, got {result.dtype}")
-    inv = torch.reciprocal(scale.reshape(()).to(torch.float32))
-    y = input.to(torch.float32) * inv
-    y = torch.fmax(torch.fmin(y, torch.tensor(FP8_MAX)), torch.tensor(-FP8_MAX))
-    result.copy_(y.to(torch.float8_e4m3fn))
+    stand_ins.static_scaled_fp8_quant(result, input, scale)
 
 
 @dataclasses.dataclass
@@ -114,17 +108,24 @@ def load_embedded_model(model_dir, spec: ModelSpec = ModelSpec(),
 
 
 def _load(model_dir, spec, use_standin):
+    vllm_config = _build_vllm_config(spec, model_dir)
+    _init_distributed(spec.tp_size, spec.tp_rank)
+    model = build_model(vllm_config)
+    loaded, log = load_weights(model, vllm_config, use_standin)
+    return LoadedModel(model.eval(), vllm_config, loaded, log)
+
+
+def load_weights(model, vllm_config, use_standin: bool = True):
+    """Steps 3 and 4 of the module docstring for a built ``model``: returns
+    (parameter names loaded, StandinLog)."""
     import torch
     from vllm.config import LoadConfig, set_current_vllm_config
     from vllm.model_executor.model_loader.loader import (
         DefaultModelLoader, _process_weights_after_loading)
 
-    vllm_config = _build_vllm_config(spec, model_dir)
     vllm_config.load_config = LoadConfig(load_format="safetensors")
-    _init_distributed(spec.tp_size, spec.tp_rank)
     model_config = vllm_config.model_config
     loader = DefaultModelLoader(vllm_config.load_config)
-    model = build_model(vllm_config)
     with set_current_vllm_config(vllm_config), \
             default_dtype(model_config.dtype):
         loaded = model.load_weights(
@@ -135,7 +136,7 @@ def _load(model_dir, spec, use_standin):
         with standin as log:
             _process_weights_after_loading(model, model_config,
                                            torch.device("cpu"))
-    return LoadedModel(model.eval(), vllm_config, frozenset(loaded or ()), log)
+    return frozenset(loaded or ()), log
 
 
 def processed_linear(model, layer: int, name: str):

@@ -11,6 +11,10 @@ from vllm.platforms.interface import DeviceCapability
 
 class HarnessPlatform(CudaPlatformBase):
 
+    # The harness's tensors live on the CPU: vLLM registers its custom ops
+    # (the attention ops among them) for this dispatch key.
+    dispatch_key = "CPU"
+
     @classmethod
     def get_device_capability(cls, device_id: int = 0):
         return DeviceCapability(major=9, minor=0)

@@ -240,3 +240,41 @@ def test_qwen2_qkv_bias_lands(harness):
             float(state[prefix + s + ".input_scale"])
             for s in ("q_proj", "k_proj", "v_proj"))
     assert len(loaded.standin.calls) == 7 * N_LAYERS
+
+
+# ------------------------------------------------ invalid activation scales --
+
+@pytest.mark.parametrize("bad", [0.0, -0.05, float("nan"), float("inf")])
+def test_invalid_o_proj_scale_is_refused_at_load(harness, tmp_path, bad):
+    """With enable_attn_fusion, vLLM's DefaultModelLoader.load_model (the
+    loader the engine uses) refuses a checkpoint whose o_proj input scale is
+    0, negative, NaN or inf, naming the layer; never garbage FP8."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import stand_ins
+    import vllm_overlay
+    from cpu_harness.compile import _build_vllm_config, spec_env
+    from vllm.model_executor.model_loader.loader import DefaultModelLoader
+    vllm_overlay.install()
+    good_dir, _ = harness()
+    model_dir = tmp_path / "bad"
+    shutil.copytree(good_dir, model_dir)
+    state = load_file(str(model_dir / "model.safetensors"))
+    name = "model.layers.1.self_attn.o_proj.input_scale"
+    state[name] = torch.full_like(state[name], bad)
+    save_file(state, str(model_dir / "model.safetensors"))
+    spec = ModelSpec(num_layers=N_LAYERS, pass_config=(("enable_attn_fusion", True), ))
+    def load(spec):
+        config = _build_vllm_config(spec, model_dir)
+        config.load_config.load_format = "safetensors"
+        config.device_config.device = torch.device("cpu")
+        return DefaultModelLoader(config.load_config).load_model(vllm_config=config)
+
+    with spec_env(spec), stand_ins.registered("CPU"):
+        with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.o_proj"
+                           r"\.input_scale"):
+            load(spec)
+        # the same checkpoint with fusion off loads as stock vLLM would
+        load(ModelSpec(num_layers=N_LAYERS))

@@ -6,7 +6,9 @@ After ``install()``:
   binds the o_proj input scale) and ``can_fuse_output_quant(key)``;
 - ``AttentionImpl.fused_output_quant_supported(key) -> bool`` exists and is
   False for every stock backend; a backend whose kernel writes quantized
-  output overrides it (``triton_backend``).
+  output overrides it (``triton_backend``);
+- with ``enable_attn_fusion``, vLLM's default loader refuses a checkpoint
+  whose static activation scales are not finite and positive.
 
 ``QuantKey`` names a quantization scheme; only static per-tensor FP8 is
 fused today, per-token(-group) and dynamic schemes slot in as new keys.
@@ -17,7 +19,8 @@ import logging
 import torch
 
 VLLM_TARGET = "vllm/attention/output_quant.py"
-VLLM_HOOKS = ("vllm/attention/layer.py", )
+VLLM_HOOKS = ("vllm/attention/layer.py",
+              "vllm/model_executor/model_loader/loader.py")
 
 logger = logging.getLogger("vllm.overlay")
 
@@ -61,7 +64,46 @@ def check_output_scale(layer, output, output_scale):
             "None for this backend")
 
 
+class InvalidActivationScale(ValueError):
+    pass
+
+
+def check_static_scales(model):
+    """Raise unless every static activation scale (``input_scale``) of
+    ``model`` is finite and positive.  The fused attention epilogue divides
+    by the o_proj input scale: 0, negative, NaN or inf would write garbage
+    FP8 (as the unfused quant would); refuse the checkpoint instead."""
+    bad = []
+    for name, module in model.named_modules():
+        scale = getattr(module, "input_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.numel() and not bool(
+                (torch.isfinite(scale) & (scale > 0)).all()):
+            bad.append(f"{name}.input_scale = {scale.detach().flatten()[:4].tolist()}")
+    if bad:
+        raise InvalidActivationScale(
+            "enable_attn_fusion: static FP8 activation scales must be finite "
+            "and > 0; this checkpoint has " + "; ".join(bad))
+
+
+def _install_load_check():
+    from vllm.model_executor.model_loader.loader import DefaultModelLoader
+    stock = DefaultModelLoader.load_model
+    if getattr(stock, "_vllm_overlay", False):
+        return
+
+    def load_model(self, vllm_config, *args, **kwargs):
+        model = stock(self, vllm_config, *args, **kwargs)
+        if getattr(vllm_config.compilation_config.pass_config,
+                   "enable_attn_fusion", False):
+            check_static_scales(model)
+        return model
+
+    load_model._vllm_overlay = True
+    DefaultModelLoader.load_model = load_model
+
+
 def install():
+    _install_load_check()
     from vllm.attention.backends.abstract import AttentionImpl
     from vllm.attention.layer import Attention
     if getattr(Attention.__init__, "_vllm_overlay", False):

@@ -5,19 +5,22 @@ default).  For every attention layer whose backend can write static FP8::
 
     out  = auto_functionalized(unified_attention_with_output, ..., output=buf)[1]
     x    = reshape(...reshape(out))                  # views only
-    q    = auto_functionalized(static_scaled_fp8_quant, result=empty_fp8,
+    q    = auto_functionalized(static_scaled_fp8_quant, result=r,
                                input=x, scale=s)[1]
     o_proj GEMM(q, ...)
 
 becomes::
 
     fp8  = auto_functionalized(unified_attention_with_output.output_scale, ...,
-                               output=reshape(empty_fp8, [T, H, D]),
+                               output=reshape(r, [T, H, D]),
                                output_scale=s)[1]
     o_proj GEMM(reshape(fp8, [T, H * D]), ...)
 
-and likewise for ``unified_attention`` (no output buffer).  The bf16
-attention output must have no other reader.  Layers whose backend cannot
+where ``r``, the FP8 result, is a fresh ``empty`` (full graph) or the
+sticky piece's input buffer (``sticky_split.preallocate_results``); and
+likewise for ``unified_attention`` (no output buffer; fresh ``r`` only).
+The bf16 attention output must have no other reader.  The graph's inputs
+never change (an unused one stays: the caller passes it).  Layers whose backend cannot
 fuse, and dynamic quants, are left alone; each skip is logged with its
 reason.  Logs ``Fused quant onto N attention nodes``.
 
@@ -109,14 +112,34 @@ def find_match(attn):
             continue
         if _wrapped(user) is STATIC_QUANT() and user.kwargs["input"] is cur:
             match = Match(attn, flavour, out, views, user, write_back)
-            if match.result.target is not torch.ops.aten.empty.memory_format:
-                return "quant result is not a fresh buffer"
-            if match.result.kwargs.get("dtype") != torch.float8_e4m3fn:
+            fresh = match.result.target is torch.ops.aten.empty.memory_format
+            if not fresh and not _is_input_view(match.result):
+                return "quant result is neither a fresh buffer nor a graph input"
+            if not fresh and flavour == "unified_attention":
+                return "quant result is a graph input; unified_attention " \
+                    "allocates its own output"
+            if _val(match.result).dtype != torch.float8_e4m3fn:
                 return "quant result is not float8_e4m3fn"
             return match
         if _wrapped(user) in DYNAMIC_QUANTS():
             return "dynamic quant (needs scales computed after attention)"
         return f"next op is {user.target}, not a static FP8 quant"
+
+
+def _is_input_view(node):
+    """``node`` is a graph input or a view of one (a sticky piece's FP8
+    buffer, allocated by the preceding piece)."""
+    while node.target in VIEW_OPS:
+        node = node.args[0]
+    return node.op == "placeholder"
+
+
+def _input_of_shape(node, shape):
+    """The placeholder under ``node``'s views if it has ``shape``, else None."""
+    while node.target in VIEW_OPS:
+        node = node.args[0]
+    same = [str(d) for d in _val(node).shape] == [str(d) for d in shape]
+    return node if node.op == "placeholder" and same else None
 
 
 def _layer_name(attn):
@@ -137,16 +160,19 @@ def _add(graph, target, args, kwargs=None, val=None):
 
 def rewrite(graph, m: Match):
     """Replace ``m`` by one attention op writing FP8 (see module doc)."""
-    result_shape = m.result.args[0]
+    result_shape = list(_val(m.result).shape)
     fused = attention_ops.fused_op(m.flavour)
-    with graph.inserting_before(m.attn):
+    # At the quant's place: the attention inputs and the FP8 result buffer
+    # (fresh, or the piece's input) are all defined by then.
+    with graph.inserting_before(m.quant):
         if m.flavour == "unified_attention_with_output":
             orig_out = m.attn.kwargs["output"]
             out_shape = list(_val(orig_out).shape)
-            buf = _add(graph, m.result.target, m.result.args, m.result.kwargs,
-                       torch.empty_like(_val(m.result)))
-            view = _add(graph, torch.ops.aten.reshape.default, (buf, out_shape),
-                        val=_val(buf).reshape(out_shape))
+            view = _input_of_shape(m.result, out_shape)
+            if view is None:
+                view = _add(graph, torch.ops.aten.reshape.default,
+                            (m.result, out_shape),
+                            val=_val(m.result).reshape(out_shape))
             kwargs = dict(m.attn.kwargs, output=view, output_scale=m.scale)
             new_attn = _add(graph, auto_functionalized, (fused, ), kwargs,
                             (None, torch.empty_like(_val(view))))
@@ -159,6 +185,12 @@ def rewrite(graph, m: Match):
         flat = _add(graph, torch.ops.aten.reshape.default, (fp8, result_shape),
                     val=_val(fp8).reshape(_val(m.result).shape))
     m.quant_out.replace_all_uses_with(flat)
+    if view.op == "placeholder":
+        # The piece writes its input back with copy_(input, ...); make it
+        # copy_(input, fp8) so Inductor reinplaces the op into the input.
+        for user in list(view.users):
+            if user.target is torch.ops.aten.copy_.default and user.args[0] is view:
+                user.args = (view, fp8)
     leftovers = (m.result, m.attn.kwargs.get("output"))
     dead = [*m.write_back, m.quant_out, m.quant, *reversed(m.views)]
     if m.out is not m.attn:
@@ -166,8 +198,10 @@ def rewrite(graph, m: Match):
     dead.append(m.attn)
     for node in dead:
         graph.erase_node(node)
+    # Unused buffers go, but never a placeholder: the caller (vLLM's piece
+    # runner) still passes every input the graph had.
     for node in leftovers:
-        while node is not None and not node.users:
+        while node is not None and not node.users and node.op != "placeholder":
             parent = node.args[0] if node.target in VIEW_OPS else None
             graph.erase_node(node)
             node = parent

@@ -6,13 +6,16 @@ pieces run eagerly, never reach Inductor, and the o_proj quant lands in the
 next (CUDA-graphed) piece, out of the fusion pass's sight.  With sticky ops
 the split becomes::
 
-    stock:   [... qkv, rope]  [attention]  [view, view, size, empty, quant, o_proj, ...]
-    sticky:  [... qkv, rope]  [attention, view, view, size, empty, quant]  [o_proj, ...]
+    stock:   [... qkv, rope, out]  [attention]  [view, view, size, empty, quant, o_proj, ...]
+    sticky:  [... qkv, rope, out, buf]  [attention, view, view, size, quant]  [o_proj, ...]
 
 A sticky op (``STICKY_OPS`` by name, or ``is_sticky(node)``) consumes the
 attention output through views only; it moves into the attention piece
 together with what it needs that is computed after the attention
-(views of the output, ``size``, its ``empty`` result buffer).  Nothing that
+(views of the output, ``size``); its FP8 result buffer ``buf`` is allocated
+before the attention, in the preceding captured piece, so every piece vLLM
+captures into a CUDA graph reads only tensors at fixed addresses
+(``preallocate_results``).  Nothing that
 merely reads the output for something else moves, and a layer is sticky
 only if its backend can fuse and the output has no other reader.  With no
 sticky layer the split is exactly vLLM's.
@@ -138,12 +141,43 @@ def find_sticky(graph: fx.GraphModule, splitting_ops, vllm_config,
     return sticky
 
 
+def preallocate_results(graph: fx.GraphModule, sticky):
+    """Allocate each sticky quant's FP8 result in front of its attention op,
+    i.e. in the preceding (CUDA-graphed) piece, as stock allocates the bf16
+    attention output there::
+
+        before:  [out = empty(T, H*D)]  [attn(.., out), v = view(out), r = empty(v.size(), fp8), quant(r, v)]  [o_proj(r)]
+        after:   [out = empty(T, H*D), buf = empty_like(out.view(T, H, D), fp8)]  [attn(.., out), v = view(out), r = buf.view(v.size()), quant(r, v)]  [o_proj(r)]
+
+    vLLM replays a captured piece without copying its inputs: whatever it
+    reads must live at an address fixed per capture size, which holds for
+    tensors allocated inside a captured piece (graph pool) and their views.
+    ``buf`` has the attention output's shape, so that the fused op can write
+    into the piece's input itself (``attn_fusion.rewrite``).  ``sticky`` ({node: attention node}) is updated in place."""
+    for empty, attn in list(sticky.items()):
+        if not (empty.op == "call_function" and empty.target is torch.empty):
+            continue
+        with graph.graph.inserting_before(attn):
+            buf = graph.graph.call_function(
+                torch.empty_like, (_attention_output(attn), ),
+                {"dtype": empty.kwargs["dtype"]})
+        with graph.graph.inserting_before(empty):
+            view = graph.graph.call_method("view", (buf, *empty.args))
+        empty.replace_all_uses_with(view)
+        graph.graph.erase_node(empty)
+        del sticky[empty]
+        sticky[view] = attn
+    graph.recompile()
+
+
 def split_graph(graph: fx.GraphModule, ops):
     """vLLM's ``split_graph`` with sticky nodes placed in their attention
-    node's piece; exactly vLLM's split when there is nothing sticky."""
+    node's piece (their FP8 result allocated before it); exactly vLLM's
+    split when there is nothing sticky."""
     sticky = find_sticky(graph, ops, _active_config)
     if not sticky:
         return _stock_split_graph(graph, ops)
+    preallocate_results(graph, sticky)
     import torch.fx.passes.split_module as split_module_lib
     real = split_module_lib.split_module
 

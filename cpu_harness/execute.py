@@ -1,0 +1,127 @@
+"""Run what vLLM compiled, on the CPU: V1 forward steps with real inputs.
+
+``Runner(model, vllm_config)`` feeds a vLLM model the inputs vLLM's V1
+model runner would: token ids, positions, and the V1 attention metadata the
+Triton backend reads (``FlashAttentionMetadata``: query_start_loc, seq_lens,
+block_table, slot_mapping, ...) inside ``set_forward_context``, with a paged
+KV cache bound to every attention layer (``[2, num_blocks, block_size, Hkv,
+D]``, as ``TritonAttentionBackend.get_kv_cache_shape`` allocates it).
+
+``STEPS`` is one schedule of two steps that mixes everything the kernel
+handles, so that the second step reads back what the first wrote:
+
+    step 1 (23 tokens): seq 0 prefill 7, seq 1 prefill 5, seq 2 first chunk 11 of 20
+    step 2 (13 tokens): seq 0 decode, seq 1 decode, seq 2 chunk 9 with context 11
+                        (crosses a 16-token block), seq 3 prefill 2
+
+CUDA kernels never run: the ``_C`` ops are served by ``stand_ins`` (CPU
+registrations on the real schemas), attention by the overlay's Triton
+kernel under ``TRITON_INTERPRET=1``.  There are no CUDA graphs on a CPU: the
+step sizes are not capture sizes, so vLLM's ``PiecewiseBackend`` runs its
+general-shape compiled graph, as it does for batches above the largest
+capture size.
+"""
+import dataclasses
+from typing import List, Tuple
+
+import stand_ins
+
+# (sequence, new tokens) per step
+STEPS: Tuple[Tuple[Tuple[int, int], ...], ...] = (
+    ((0, 7), (1, 5), (2, 11)),
+    ((0, 1), (1, 1), (2, 9), (3, 2)),
+)
+BLOCK_SIZE = 16
+NUM_BLOCKS = 12
+
+
+@dataclasses.dataclass
+class StepOutput:
+    hidden: object        # [T, hidden] model output (bf16)
+    logits: object        # [T, vocab] fp32
+
+
+class Runner:
+    """Steps of one model with its own KV cache (see the module doc)."""
+
+    def __init__(self, model, vllm_config, seed=0):
+        import torch
+        self.model, self.vllm_config = model, vllm_config
+        self.layers = vllm_config.compilation_config.static_forward_context
+        self.context = {}                 # sequence -> tokens in the cache
+        gen = torch.Generator().manual_seed(seed)
+        vocab = vllm_config.model_config.get_vocab_size()
+        self.tokens = torch.randint(3, vocab, (256, ), generator=gen)
+        self.kv_caches = {}
+        for name, layer in self.layers.items():
+            cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, layer.num_kv_heads,
+                                layer.head_size, generator=gen).to(
+                                    vllm_config.model_config.dtype)
+            layer.kv_cache = [cache]      # poisoned: unwritten slots are noise
+            self.kv_caches[name] = cache
+
+    @staticmethod
+    def blocks_of(seq):
+        """Sequence ``seq``'s blocks: never block 0, not contiguous."""
+        return [2 * seq + 1, 2 * seq + 2]
+
+    def metadata(self, step):
+        import torch
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
+        ids, positions, slots, q_lens, seq_lens = [], [], [], [], []
+        for seq, n in step:
+            start = self.context.get(seq, 0)
+            pos = torch.arange(start, start + n)
+            blocks = torch.tensor(self.blocks_of(seq))
+            positions.append(pos)
+            ids.append(self.tokens[(seq * 37 + pos) % len(self.tokens)])
+            slots.append(blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
+            q_lens.append(n)
+            seq_lens.append(start + n)
+        q_lens = torch.tensor(q_lens, dtype=torch.int32)
+        metadata = FlashAttentionMetadata(
+            num_actual_tokens=int(q_lens.sum()),
+            max_query_len=int(q_lens.max()),
+            query_start_loc=torch.cat([q_lens.new_zeros(1), q_lens.cumsum(0)]).to(torch.int32),
+            max_seq_len=max(seq_lens),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_table=torch.tensor([self.blocks_of(s) for s, _ in step],
+                                     dtype=torch.int32),
+            slot_mapping=torch.cat(slots).to(torch.int64),
+            use_cascade=False, common_prefix_len=0, cu_prefix_query_lens=None,
+            prefix_kv_lens=None, suffix_kv_lens=None,
+            num_input_tokens=int(q_lens.sum()))
+        return torch.cat(ids), torch.cat(positions), metadata
+
+    def step(self, step) -> StepOutput:
+        import torch
+        from vllm.config import set_current_vllm_config
+        from vllm.forward_context import set_forward_context
+        input_ids, positions, metadata = self.metadata(step)
+        capture = self.vllm_config.compilation_config.cudagraph_capture_sizes
+        if len(input_ids) in (capture or ()):
+            raise ValueError(f"{len(input_ids)} tokens is a CUDA-graph capture "
+                             "size: PiecewiseBackend would capture on a CPU")
+        with set_current_vllm_config(self.vllm_config), torch.inference_mode(), \
+                set_forward_context(metadata, self.vllm_config), \
+                stand_ins.registered("CPU"):
+            hidden = self.model(input_ids, positions)
+            logits = self.model.compute_logits(hidden, None)
+        for seq, n in step:
+            self.context[seq] = self.context.get(seq, 0) + n
+        return StepOutput(hidden.clone(), logits.float())
+
+    def run(self, steps=STEPS) -> List[StepOutput]:
+        return [self.step(s) for s in steps]
+
+    def written_kv(self):
+        """{layer: K/V rows of every slot the steps wrote} (fp32)."""
+        import torch
+        slots = torch.tensor([
+            self.blocks_of(seq)[i // BLOCK_SIZE] * BLOCK_SIZE + i % BLOCK_SIZE
+            for seq, n in sorted(self.context.items()) for i in range(n)])
+        out = {}
+        for name, cache in self.kv_caches.items():
+            flat = cache.flatten(1, 2)            # [2, blocks * block_size, Hkv, D]
+            out[name] = flat[:, slots].float()
+        return out
