@@ -164,6 +164,8 @@ def setup_process(work_dir=None):
         "VLLM_CACHE_ROOT": str(work_dir / "vllm_cache"),
         "TORCHINDUCTOR_CACHE_DIR": str(work_dir / "inductor"),
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+        # Triton kernels run in the interpreter (set before they are defined).
+        "TRITON_INTERPRET": "1",
     }
     for key, value in env.items():
         os.environ.setdefault(key, value)

@@ -22,6 +22,7 @@ general-shape compiled graph, as it does for batches above the largest
 capture size.
 """
 import dataclasses
+import itertools
 from typing import List, Tuple
 
 import stand_ins
@@ -32,7 +33,9 @@ STEPS: Tuple[Tuple[Tuple[int, int], ...], ...] = (
     ((0, 1), (1, 1), (2, 9), (3, 2)),
 )
 BLOCK_SIZE = 16
-NUM_BLOCKS = 12
+MAX_SEQS = 5                 # sequences 0..4, two blocks each
+MAX_LEN = 2 * BLOCK_SIZE
+NUM_BLOCKS = 2 * MAX_SEQS + 1
 
 
 @dataclasses.dataclass
@@ -51,7 +54,9 @@ class Runner:
         self.context = {}                 # sequence -> tokens in the cache
         gen = torch.Generator().manual_seed(seed)
         vocab = vllm_config.model_config.get_vocab_size()
-        self.tokens = torch.randint(3, vocab, (256, ), generator=gen)
+        # sequence -> its token ids (random prompts; greedy() appends)
+        self.seqs = {seq: torch.randint(3, vocab, (MAX_LEN, ), generator=gen)
+                     for seq in range(MAX_SEQS)}
         self.kv_caches = {}
         for name, layer in self.layers.items():
             cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, layer.num_kv_heads,
@@ -74,7 +79,7 @@ class Runner:
             pos = torch.arange(start, start + n)
             blocks = torch.tensor(self.blocks_of(seq))
             positions.append(pos)
-            ids.append(self.tokens[(seq * 37 + pos) % len(self.tokens)])
+            ids.append(self.seqs[seq][pos])
             slots.append(blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
             q_lens.append(n)
             seq_lens.append(start + n)
@@ -113,6 +118,20 @@ class Runner:
 
     def run(self, steps=STEPS) -> List[StepOutput]:
         return [self.step(s) for s in steps]
+
+    def greedy(self, prompt_lens=(5, 6, 7), new_tokens=4):
+        """Greedy continuation of sequences 0..len(prompt_lens)-1 (random
+        prompts of those lengths): one prefill step, then one decode step per
+        token for all of them; returns the new token ids per sequence."""
+        step = tuple(enumerate(prompt_lens))
+        for i in range(new_tokens):
+            logits = self.step(step).logits
+            ends = itertools.accumulate(n for _, n in step)
+            for (seq, _), end in zip(step, ends):
+                self.seqs[seq][self.context[seq]] = int(logits[end - 1].argmax())
+            step = tuple((seq, 1) for seq, _ in step)
+        return [self.seqs[seq][n:n + new_tokens].tolist()
+                for seq, n in enumerate(prompt_lens)]
 
     def written_kv(self):
         """{layer: K/V rows of every slot the steps wrote} (fp32)."""

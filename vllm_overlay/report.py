@@ -2,7 +2,9 @@
 does to the embedded tiny FP8 Llama, compiled on this machine.
 
 On a machine without a GPU the model is compiled through vLLM's own
-``VllmBackend`` with the CPU harness (``cpu_harness``); nothing executes.
+``VllmBackend`` with the CPU harness (``cpu_harness``) and then run on the
+CPU (``_C`` stand-ins, the Triton kernel in its interpreter): fused and
+unfused outputs are compared.
 """
 import argparse
 import importlib.metadata
@@ -128,6 +130,7 @@ def run(args):
                          f"{spec_mode}-fusion-{label}")
         (off, t_off), (on_c, t_on) = results["off"], results["on"]
         rep = fusion_report(on_c)
+        rep["executed"] = execution_report(off, on_c)
         rows.append((spec_mode, rep, off, on_c, t_off, t_on))
     print("\n  pieces: graph(qN) = compiled + CUDA-graphed piece with N FP8 quant "
           "ops after the passes; attn = eager attention piece; attn+q->fp8 = "
@@ -143,14 +146,36 @@ def run(args):
         print(f"    pieces (fusion off)     {_piece_line(off)}")
         print(f"    pieces (fusion on)      {_piece_line(on_c)}  "
               f"sticky attention pieces: {rep['sticky_pieces']}")
-        print(f"    compile time            off {t_off:.1f} s, on {t_on:.1f} s "
+        print(f"    compile + run time      off {t_off:.1f} s, on {t_on:.1f} s "
               "(wall; the second compile reuses Inductor's C++ build cache)")
         for layer, reason in sorted(rep["skipped"].items()):
             print(f"    not fused: {layer}: {reason}")
+        ex = rep["executed"]
+        print(f"    executed                {ex['steps']} steps ({ex['tokens']} "
+              f"tokens: prefills, chunked prefill, decodes): fused vs unfused "
+              f"max |logit diff| {ex['max_logit_diff']:.3g}, hidden states "
+              f"{'bit-identical' if ex['identical'] else 'DIFFERENT'}")
+        print(f"    greedy, 4 tokens x 3    unfused {ex['greedy_off']}")
+        print(f"                            fused   {ex['greedy_on']} "
+              f"({'same' if ex['greedy_off'] == ex['greedy_on'] else 'DIFFERENT'})")
     print(f"\n  graphs written to {pathlib.Path(args.out) / 'graphs'}")
     summary = [{"mode": m, **r} for m, r, *_ in rows]
     (pathlib.Path(args.out) / "report.json").write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def execution_report(off, on):
+    """Fused vs unfused compiled models, both run (cpu_harness CompiledModel
+    with outputs): logits of the harness steps, and greedy tokens."""
+    from cpu_harness.execute import Runner
+    diff = max(float((a.logits - b.logits).abs().max())
+               for a, b in zip(off.outputs, on.outputs))
+    same = all(a.hidden.equal(b.hidden) for a, b in zip(off.outputs, on.outputs))
+    greedy = [Runner(c.model, c.vllm_config).greedy() for c in (off, on)]
+    return {"steps": len(on.outputs),
+            "tokens": sum(len(o.hidden) for o in on.outputs),
+            "max_logit_diff": diff, "identical": same,
+            "greedy_off": greedy[0], "greedy_on": greedy[1]}
 
 
 def _dump_graphs(compiled, folder):
