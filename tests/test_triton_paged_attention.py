@@ -71,9 +71,32 @@ def fp8_code_distance(a, b):
     return (line(a) - line(b)).abs()
 
 
+def new_token_kv(kc, vc, q_lens, kv_lens, bt, dtype, t_pad=0, seed=0):
+    """The new tokens' K/V [T, Hkv, D] as the caller has them (= what was written into the cache);
+    padding rows get garbage (they must never be read)."""
+    bs = kc.shape[1]
+    T = sum(q_lens) + t_pad
+    g = torch.Generator().manual_seed(seed + 7)
+    key = (torch.randn((T,) + tuple(kc.shape[2:]), generator=g) * 100).to(dtype).to(DEV)
+    value = (torch.randn((T,) + tuple(kc.shape[2:]), generator=g) * 100).to(dtype).to(DEV)
+    t = 0
+    for s, (ql, kl) in enumerate(zip(q_lens, kv_lens)):
+        pos = torch.arange(kl - ql, kl)
+        blk = bt[s].cpu().long()[pos // bs].to(DEV)
+        slot = (pos % bs).to(DEV)
+        rows = torch.arange(ql, device=DEV)
+        key[t:t + ql] = tpa._gather(kc, blk).float()[rows, slot].to(dtype)
+        value[t:t + ql] = tpa._gather(vc, blk).float()[rows, slot].to(dtype)
+        t += ql
+    return key, value
+
+
 def run_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch.bfloat16, t_pad=0,
-             splits=None, scales_as_float=False, seed=0, check_fp8=True):
+             splits=None, scales_as_float=False, seed=0, check_fp8=True, dense=False, prefill_cfg=None):
     q, kc, vc, qsl, sl, bt = make_batch(q_lens, kv_lens, Hq, Hkv, D, bs, dtype, kv_fp8, t_pad, seed)
+    kv_in = {}
+    if dense:
+        kv_in = dict(zip(("key", "value"), new_token_kv(kc, vc, q_lens, kv_lens, bt, dtype, t_pad, seed)))
     if kv_fp8:
         ks, vs = torch.tensor([0.06], device=DEV), torch.tensor([0.05], device=DEV)
         if scales_as_float:
@@ -86,9 +109,11 @@ def run_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch
     tpa.CONFIG_OVERRIDE.clear()
     if splits is not None:
         tpa.CONFIG_OVERRIDE["num_splits"] = splits
+    if prefill_cfg is not None:
+        tpa.CONFIG_OVERRIDE["prefill"] = dict(prefill_cfg)
     try:
         out = poison(q.shape, dtype)
-        tpa.paged_attention(q, kc, vc, out, *args)
+        tpa.paged_attention(q, kc, vc, out, *args, **kv_in)
         assert not out.isnan().any(), "unwritten / NaN output elements"
         err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < 1e-2, f"rel err {err}"
@@ -97,7 +122,7 @@ def run_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch
             if scales_as_float:
                 os_ = 0.02
             out8 = poison(q.shape, FP8)
-            tpa.paged_attention(q, kc, vc, out8, *args, output_scale=os_)
+            tpa.paged_attention(q, kc, vc, out8, *args, output_scale=os_, **kv_in)
             assert not out8.float().isnan().any(), "unwritten / NaN fp8 output elements"
             own = tpa.static_fp8_quant_reference(out, os_)
             assert torch.equal(out8.view(torch.uint8), own.view(torch.uint8)), "fused != quant(own bf16)"
@@ -107,6 +132,16 @@ def run_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch
             atol = 1e-2 * b.abs().max().item()  # near-zero elements: attention's own bf16-level error
             ok = (dist <= 1) | ((a - b).abs() <= atol)
             assert ok.all(), f"fp8 differs by > 1 ulp: {a[~ok][:5].tolist()} vs {b[~ok][:5].tolist()}"
+        if dense and not kv_fp8:
+            # same tiles, same values: bit-identical to the paged-only path
+            out_p = poison(q.shape, dtype)
+            tpa.paged_attention(q, kc, vc, out_p, *args)
+            assert torch.equal(out_p, out), "dense new-token path != paged path"
+            # and the dense inputs are really read: corrupt the new tokens' K in the inputs
+            if max(q_lens) > 1:
+                out_c = poison(q.shape, dtype)
+                tpa.paged_attention(q, kc, vc, out_c, *args, key=kv_in["key"] * 0 + 3, value=kv_in["value"])
+                assert not torch.equal(out_c, out), "key/value inputs were not read"
     finally:
         tpa.CONFIG_OVERRIDE.clear()
     return err
@@ -185,6 +220,24 @@ def test_paged_attention(case):
     run_case(q_lens, kv_lens, Hq, Hkv, D, bs, seed=hash(str(case)) % 1000, **extra)
 
 
+_SMALL = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+DENSE_CASES = [
+    # new tokens' K/V from the key/value inputs, context from the cache
+    ([70], [70], 4, 2, 64, 16, {"prefill_cfg": _SMALL}),                         # pure prefill, all dense
+    ([40, 1, 50, 1], [40, 90, 117, 3], 4, 2, 64, 16, {"prefill_cfg": _SMALL, "t_pad": 3}),  # ctx 67: split tile
+    ([33, 20], [97, 20], 8, 2, 96, 32, {"prefill_cfg": _SMALL, "sw": 40}),       # window, D=96
+    ([150, 1], [150, 40], 4, 2, 128, 16, {}),                                    # version's own config
+    ([20, 1], [50, 30], 4, 2, 64, 16, {"kv_fp8": True, "prefill_cfg": _SMALL}),  # fp8 cache: inputs ignored
+    ([40, 1], [50, 20], 4, 2, 64, 16, {"dtype": torch.float16, "prefill_cfg": _SMALL}),
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[f"d{i}" for i in range(len(DENSE_CASES))])
+def test_paged_attention_dense_new_tokens(case):
+    q_lens, kv_lens, Hq, Hkv, D, bs, extra = case
+    run_case(q_lens, kv_lens, Hq, Hkv, D, bs, seed=hash(str(case)) % 1000, dense=True, **extra)
+
+
 def test_zero_query_seq_and_pure_decode_padding():
     # pure decode with T > B (CUDA-graph padding): rows [B, T) must be zero-filled
     q, kc, vc, qsl, sl, bt = make_batch([1, 1], [10, 20], 4, 2, 64, 16, t_pad=3)
@@ -227,3 +280,10 @@ def test_errors():
         tpa.paged_attention(q, kc, vc, torch.empty_like(q[:1]), *meta)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         tpa.static_fp8_quant(torch.empty(4, device=DEV), torch.ones(4, device=DEV), 1.0)
+    k_in = torch.zeros(q.shape[0], kc.shape[2], kc.shape[3], dtype=q.dtype, device=DEV)
+    with pytest.raises(ValueError, match="both key and value"):
+        tpa.paged_attention(q, kc, vc, torch.empty_like(q), *meta, key=k_in)
+    with pytest.raises(ValueError, match="key must be"):
+        tpa.paged_attention(q, kc, vc, torch.empty_like(q), *meta, key=k_in[:, :1], value=k_in)
+    with pytest.raises(ValueError, match="dtype"):
+        tpa.paged_attention(q, kc, vc, torch.empty_like(q), *meta, key=k_in.half(), value=k_in)

@@ -57,10 +57,11 @@ FP8_E4M3_MAX = 448.0
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Pre-round fp32 -> e4m3 grid before the cast. Always on under the interpreter (its cast is wrong).
 # On the GPU the cast itself (sm_89+/sm_90: cvt.rn.satfinite.e4m3x2.f32) is exact RNE: verified
-# bit-exact against torch with triton 3.6 on H100 (tests/gpu), so it is skipped there (it cost up to
-# 7% on short prefills). With triton < 3.3 (not verified on a GPU here) the exact pre-round stays on.
-# Module-level switch, read at every launch: True / False force it.
-PRE_ROUND_FP8 = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 3)
+# bit-exact against torch on the H100 with triton 3.6 and with triton 3.2 (tests/gpu, _quant_check
+# runs both settings), so it is skipped on the GPU (it cost up to 7% on short prefills).
+# Module-level switch, read at every launch: True forces it.
+PRE_ROUND_FP8 = False
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 _LOG2E = 1.4426950408889634
 
 
@@ -206,23 +207,33 @@ def _kv_tile_loop(acc, l_i, m_i, q, K, V, bt_row, k_head_off, v_head_off,
                   start, end, kv_hi, pos, qk_scale, offs_n, offs_d,
                   BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr,
                   KV_BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
-                  DOT_F32: tl.constexpr):
+                  DOT_F32: tl.constexpr, DENSE: tl.constexpr):
     """Online-softmax over keys [start, end) (start, end multiples of BLOCK_N except end == kv_hi).
 
     q: [BLOCK_M, HEAD_D_PAD]; acc: [BLOCK_M, HEAD_D_PAD] fp32; l_i, m_i: [BLOCK_M] fp32 (log2 domain);
     pos: [BLOCK_M] absolute query position of each row. MASKED applies causal / window / kv_hi masks.
+    Paged (DENSE=False): key n is slot n % KV_BLOCK_SIZE of block bt_row[n // KV_BLOCK_SIZE], K/V are
+    the caches, stride_kb/stride_ks = block/slot strides. DENSE: K/V are the contiguous new-token
+    key/value inputs [T, Hkv, D]; key n is row n + bt_row (bt_row = q_start - ctx, an int), stride_kb =
+    row stride; no block-table load, so the loads depend on the loop counter only.
     """
     dmask = offs_d < HEAD_D
     for start_n in range(start, end, BLOCK_N):
         n = start_n + offs_n
         if MASKED:
             nvalid = n < kv_hi
-            blk = tl.load(bt_row + n // KV_BLOCK_SIZE, mask=nvalid, other=0)
+        if DENSE:
+            row = (n + bt_row).to(tl.int64)
+            k_off = row * stride_kb + k_head_off
+            v_off = row * stride_vb + v_head_off
         else:
-            blk = tl.load(bt_row + n // KV_BLOCK_SIZE)
-        slot = n % KV_BLOCK_SIZE
-        k_off = blk.to(tl.int64) * stride_kb + slot * stride_ks + k_head_off
-        v_off = blk.to(tl.int64) * stride_vb + slot * stride_vs + v_head_off
+            if MASKED:
+                blk = tl.load(bt_row + n // KV_BLOCK_SIZE, mask=nvalid, other=0)
+            else:
+                blk = tl.load(bt_row + n // KV_BLOCK_SIZE)
+            slot = n % KV_BLOCK_SIZE
+            k_off = blk.to(tl.int64) * stride_kb + slot * stride_ks + k_head_off
+            v_off = blk.to(tl.int64) * stride_vb + slot * stride_vs + v_head_off
         k_ptrs = K + k_off[:, None] + offs_d[None, :]
         v_ptrs = V + v_off[:, None] + offs_d[None, :]
         if MASKED:
@@ -284,11 +295,11 @@ def _store_output(Out, o_ptrs, o, mask, inv_out_scale,
 
 @triton.jit
 def _paged_attn_fwd_kernel(
-    Q, K, V, Out, QSL, SeqLens, BT, WsAcc, WsML,
+    Q, K, V, Out, QSL, SeqLens, BT, WsAcc, WsML, KD, VD,
     k_scale, v_scale, out_scale,
     softmax_scale, num_seqs, num_tokens, num_splits,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ot, stride_oh, stride_bt,
+    stride_ot, stride_oh, stride_bt, stride_kdt, stride_kdh, stride_vdt, stride_vdh,
     G: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
@@ -296,7 +307,7 @@ def _paged_attn_fwd_kernel(
     KS_PTR: tl.constexpr, VS_PTR: tl.constexpr, OS_PTR: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
     OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr,
     SEQ_GRID: tl.constexpr, SKIP_DECODE: tl.constexpr, USE_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-    PRE_ROUND: tl.constexpr,
+    PRE_ROUND: tl.constexpr, DENSE_KV: tl.constexpr,
 ):
     """One program: BLOCK_Q query tokens x the G query heads of one KV head (rows = BLOCK_M >= BLOCK_Q*G).
 
@@ -306,6 +317,9 @@ def _paged_attn_fwd_kernel(
     [QSL[B], T). Decode grid (SEQ_GRID=True): axis0 = sequence, only q_len == 1 sequences, BLOCK_Q = 1.
     axis1 = KV head; axis2 = KV split (USE_SPLIT: fp32 partials to WsAcc [B, Hq, S, D_PAD] and
     WsML [B, Hq, S, 2] (m, l), merged and quantized by _split_reduce_kernel).
+    DENSE_KV (tile mode): keys at positions >= dense_lo = ceil(ctx / BLOCK_N) * BLOCK_N (the sequence's
+    own new tokens, whole tiles) are read from the contiguous key/value inputs KD/VD [T, Hkv, D]
+    instead of the paged cache (same values: the cache was written from them), the context from the cache.
     """
     if SEQ_GRID:
         pid = tl.program_id(0)
@@ -405,25 +419,59 @@ def _paged_attn_fwd_kernel(
         k_head_off = kvh * stride_kh
         v_head_off = kvh * stride_vh
 
+        if DENSE_KV:
+            dense_lo = ((ctx + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+            row_shift = q_start - ctx
+            kd_head_off = kvh * stride_kdh
+            vd_head_off = kvh * stride_vdh
+        else:
+            dense_lo = kv_hi
         # A: [lo_tile, full_start) masked (sliding-window lower edge)
         if SLIDING_WINDOW > 0:
+            a_lo = tl.maximum(lo_tile, sp_lo)
+            a_hi = tl.minimum(full_start, sp_hi)
             acc, l_i, m_i = _kv_tile_loop(
                 acc, l_i, m_i, q, K, V, bt_row, k_head_off, v_head_off,
                 stride_kb, stride_ks, stride_vb, stride_vs,
-                tl.maximum(lo_tile, sp_lo), tl.minimum(full_start, sp_hi), kv_hi, pos, qk_scale,
-                offs_n, offs_d, BLOCK_N, HEAD_D, HEAD_D_PAD, KV_BLOCK_SIZE, True, SLIDING_WINDOW, DOT_F32)
+                a_lo, tl.minimum(a_hi, dense_lo), kv_hi, pos, qk_scale,
+                offs_n, offs_d, BLOCK_N, HEAD_D, HEAD_D_PAD, KV_BLOCK_SIZE, True, SLIDING_WINDOW, DOT_F32, False)
+            if DENSE_KV:
+                acc, l_i, m_i = _kv_tile_loop(
+                    acc, l_i, m_i, q, KD, VD, row_shift, kd_head_off, vd_head_off,
+                    stride_kdt, 0, stride_vdt, 0,
+                    tl.maximum(a_lo, dense_lo), a_hi, kv_hi, pos, qk_scale,
+                    offs_n, offs_d, BLOCK_N, HEAD_D, HEAD_D_PAD, KV_BLOCK_SIZE, True, SLIDING_WINDOW, DOT_F32,
+                    True)
         # B: [full_start, full_end) visible to every row: no masks
+        b_lo = tl.maximum(full_start, sp_lo)
+        b_hi = tl.minimum(full_end, sp_hi)
         acc, l_i, m_i = _kv_tile_loop(
             acc, l_i, m_i, q, K, V, bt_row, k_head_off, v_head_off,
             stride_kb, stride_ks, stride_vb, stride_vs,
-            tl.maximum(full_start, sp_lo), tl.minimum(full_end, sp_hi), kv_hi, pos, qk_scale,
-            offs_n, offs_d, BLOCK_N, HEAD_D, HEAD_D_PAD, KV_BLOCK_SIZE, False, SLIDING_WINDOW, DOT_F32)
+            b_lo, tl.minimum(b_hi, dense_lo), kv_hi, pos, qk_scale,
+            offs_n, offs_d, BLOCK_N, HEAD_D, HEAD_D_PAD, KV_BLOCK_SIZE, False, SLIDING_WINDOW, DOT_F32, False)
+        if DENSE_KV:
+            acc, l_i, m_i = _kv_tile_loop(
+                acc, l_i, m_i, q, KD, VD, row_shift, kd_head_off, vd_head_off,
+                stride_kdt, 0, stride_vdt, 0,
+                tl.maximum(b_lo, dense_lo), b_hi, kv_hi, pos, qk_scale,
+                offs_n, offs_d, BLOCK_N, HEAD_D, HEAD_D_PAD, KV_BLOCK_SIZE, False, SLIDING_WINDOW, DOT_F32,
+                True)
         # C: [full_end, kv_hi) causal diagonal
+        c_lo = tl.maximum(full_end, sp_lo)
+        c_hi = tl.minimum(kv_hi, sp_hi)
         acc, l_i, m_i = _kv_tile_loop(
             acc, l_i, m_i, q, K, V, bt_row, k_head_off, v_head_off,
             stride_kb, stride_ks, stride_vb, stride_vs,
-            tl.maximum(full_end, sp_lo), tl.minimum(kv_hi, sp_hi), kv_hi, pos, qk_scale,
-            offs_n, offs_d, BLOCK_N, HEAD_D, HEAD_D_PAD, KV_BLOCK_SIZE, True, SLIDING_WINDOW, DOT_F32)
+            c_lo, tl.minimum(c_hi, dense_lo), kv_hi, pos, qk_scale,
+            offs_n, offs_d, BLOCK_N, HEAD_D, HEAD_D_PAD, KV_BLOCK_SIZE, True, SLIDING_WINDOW, DOT_F32, False)
+        if DENSE_KV:
+            acc, l_i, m_i = _kv_tile_loop(
+                acc, l_i, m_i, q, KD, VD, row_shift, kd_head_off, vd_head_off,
+                stride_kdt, 0, stride_vdt, 0,
+                tl.maximum(c_lo, dense_lo), c_hi, kv_hi, pos, qk_scale,
+                offs_n, offs_d, BLOCK_N, HEAD_D, HEAD_D_PAD, KV_BLOCK_SIZE, True, SLIDING_WINDOW, DOT_F32,
+                True)
 
         if USE_SPLIT:
             # partials (unnormalized acc, m, l) for the decode reduce; rows = q heads of this kv head
@@ -490,8 +538,11 @@ def _split_reduce_kernel(
 
 _NUM_SMS = {}
 
-# Optional overrides for benchmarking / tuning: keys "prefill", "decode" -> dict of config entries.
+# Optional overrides for benchmarking / tuning: keys "prefill", "decode" -> dict of config entries
+# ("prefill" may also hold DENSE=False to ignore key/value), "num_splits" -> int.
 CONFIG_OVERRIDE = {}
+# The compiled kernels of the last launch per phase (benchmark compile reports: n_regs, n_spills, asm).
+LAST_LAUNCH = {}
 
 
 def _num_sms(device) -> int:
@@ -508,27 +559,55 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _prefill_config(head_d_pad: int, g: int, kv_fp8: bool, max_query_len: int) -> dict:
-    # hand-picked on H100 / triton 3.6 (benchmarks/attention_quant.py --sweep)
-    if head_d_pad <= 64:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-    elif head_d_pad <= 128:
-        if max_query_len <= 2048:
-            cfg = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4)
-        else:
-            cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+# Configs per triton version family: "3.2" = triton < 3.3 (vLLM 0.8.5 users), "3.6" = triton >= 3.3.
+# Picked on the H100 from `benchmarks/attention_quant.py --sweep` (2026-11-25; docs/kernel.md).
+# Prefill entries: (head_d_pad limit, context-heavy) -> config, first match wins; "context-heavy" =
+# max_seq_len > 2 * max_query_len (chunked prefills, prefills mixed with long decodes), a host-side
+# hint that needs no device sync. None matches either.
+_PREFILL_CFGS = {
+    "3.2": [
+        ((64, None), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+        # fused == bf16 speed with 64-key tiles (a/b 0.99-1.005); 128x128 makes the fp8 variant 6-12% slower
+        ((128, False), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
+        # paged context: 128-key tiles are 20% faster (chunked 2x512 ctx4096: 305 vs 376 us)
+        ((128, True), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)),
+        ((1 << 30, None), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+    ],
+    "3.6": [
+        ((64, None), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+        ((128, None), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
+        ((1 << 30, None), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+    ],
+}
+_DECODE_CFGS = {
+    "3.2": [(64, dict(BLOCK_N=64, num_warps=2, num_stages=4)),
+            (128, dict(BLOCK_N=128, num_warps=4, num_stages=2)),
+            (1 << 30, dict(BLOCK_N=32, num_warps=2, num_stages=3))],
+    "3.6": [(128, dict(BLOCK_N=64, num_warps=2, num_stages=4)),
+            (1 << 30, dict(BLOCK_N=32, num_warps=2, num_stages=3))],
+}
+
+
+def _version_family() -> str:
+    return "3.2" if TRITON_VERSION < (3, 3) else "3.6"
+
+
+def _prefill_config(head_d_pad: int, g: int, kv_fp8: bool, max_query_len: int, max_seq_len: int = 0) -> dict:
+    ctx_heavy = max_seq_len > 2 * max_query_len
+    for (d_lim, ctx), c in _PREFILL_CFGS[_version_family()]:
+        if head_d_pad <= d_lim and (ctx is None or ctx == ctx_heavy):
+            cfg = dict(c)
+            break
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _next_pow2(g), 16)
     cfg.update(CONFIG_OVERRIDE.get("prefill", {}))
     return cfg
 
 
 def _decode_config(head_d_pad: int, g: int, kv_fp8: bool) -> dict:
-    if head_d_pad <= 128:
-        cfg = dict(BLOCK_N=64, num_warps=2, num_stages=4)
-    else:
-        cfg = dict(BLOCK_N=32, num_warps=2, num_stages=3)
+    for d_lim, c in _DECODE_CFGS[_version_family()]:
+        if head_d_pad <= d_lim:
+            cfg = dict(c)
+            break
     cfg["BLOCK_M"] = max(16, _next_pow2(g))
     cfg.update(CONFIG_OVERRIDE.get("decode", {}))
     return cfg
@@ -576,6 +655,8 @@ def paged_attention(
     k_scale: Optional[Union[torch.Tensor, float]] = None,
     v_scale: Optional[Union[torch.Tensor, float]] = None,
     output_scale: Optional[Union[torch.Tensor, float]] = None,
+    key: Optional[torch.Tensor] = None,
+    value: Optional[torch.Tensor] = None,
 ) -> None:
     """Causal paged attention, writes ``out`` in place (every row of ``out`` is written).
 
@@ -584,6 +665,11 @@ def paged_attention(
     dtype, or float8_e4m3fn with output_scale (fp32 [1]: out = fp8(clamp(bf16(o) / scale))).
     query_start_loc: [B+1] int32; seq_lens: [B] int32; block_table: [B, max_blocks] int32.
     Rows [query_start_loc[B], T) are zero-filled. sliding_window: keys in (p - window, p].
+    key/value (optional, both or neither): the new tokens' K/V [T, Hkv, D] (last dim contiguous) that
+    were just written into the cache. With them, prefill tiles read whole BLOCK_N tiles of each
+    sequence's own tokens densely from these inputs and only the context from the paged cache (the
+    values are the same, so the result is too). Ignored for an fp8 KV cache (the cache holds the
+    quantized values, which the semantics above read) and for decodes.
     """
     # ---- cheap host-side validation (no device syncs) ----
     if query.dim() != 3 or out.dim() != 3 or key_cache.dim() != 4 or value_cache.dim() != 4:
@@ -627,6 +713,16 @@ def paged_attention(
         raise ValueError(f"query_start_loc must be [B+1], block_table [>=B, ...] with B = {B}")
     if not query_start_loc.is_contiguous() or not seq_lens.is_contiguous():
         raise ValueError("query_start_loc and seq_lens must be contiguous")
+    if (key is None) != (value is None):
+        raise ValueError("pass both key and value, or neither")
+    if key is not None:
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != 3 or tuple(t.shape[1:]) != (Hkv, D) or t.shape[0] < T:
+                raise ValueError(f"{name} must be [T, Hkv, D] = [{T}, {Hkv}, {D}], got {tuple(t.shape)}")
+            if t.dtype != query.dtype:
+                raise ValueError(f"{name} dtype {t.dtype} must equal the query dtype {query.dtype}")
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name} must have a contiguous last dimension")
     sw = 0 if sliding_window is None else int(sliding_window)
     if sw < 0:
         raise ValueError(f"sliding_window must be positive or None, got {sliding_window}")
@@ -652,18 +748,22 @@ def paged_attention(
                value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
                out.stride(0), out.stride(1), block_table.stride(0))
     dummy = query  # unused workspace pointers
+    no_dense = (dummy, dummy, 0, 0, 0, 0)
 
     pure_decode = max_query_len <= 1
     if not pure_decode:
-        cfg = _prefill_config(d_pad, G, kv_fp8, max_query_len)
+        cfg = _prefill_config(d_pad, G, kv_fp8, max_query_len, max_seq_len)
         block_m = cfg["BLOCK_M"]
         block_q = max(1, block_m // G)
         grid = (triton.cdiv(T, block_q) + B, Hkv, 1)
-        _paged_attn_fwd_kernel[grid](
+        dense = key is not None and not kv_fp8 and cfg.get("DENSE", True)
+        dense_args = ((key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1))
+                      if dense else no_dense)
+        LAST_LAUNCH["prefill"] = _paged_attn_fwd_kernel[grid](
             query, key_cache, value_cache, out, query_start_loc, seq_lens, block_table, dummy, dummy,
-            ks_arg, vs_arg, os_arg, softmax_scale, B, T, 1, *strides,
+            *dense_args[:2], ks_arg, vs_arg, os_arg, softmax_scale, B, T, 1, *strides, *dense_args[2:],
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"],
-            SEQ_GRID=False, SKIP_DECODE=True, USE_SPLIT=False,
+            SEQ_GRID=False, SKIP_DECODE=True, USE_SPLIT=False, DENSE_KV=dense,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
     elif T > B:
         # pure decode: tokens [B, T) are padding
@@ -680,11 +780,11 @@ def paged_attention(
         ws_ml = torch.empty((B, Hq, splits, 2), dtype=torch.float32, device=query.device)
     else:
         ws_acc = ws_ml = dummy
-    _paged_attn_fwd_kernel[(B, Hkv, splits)](
+    LAST_LAUNCH["decode"] = _paged_attn_fwd_kernel[(B, Hkv, splits)](
         query, key_cache, value_cache, out, query_start_loc, seq_lens, block_table, ws_acc, ws_ml,
-        ks_arg, vs_arg, os_arg, softmax_scale, B, T, splits, *strides,
+        *no_dense[:2], ks_arg, vs_arg, os_arg, softmax_scale, B, T, splits, *strides, *no_dense[2:],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=1, BLOCK_N=cfg["BLOCK_N"],
-        SEQ_GRID=True, SKIP_DECODE=False, USE_SPLIT=use_split,
+        SEQ_GRID=True, SKIP_DECODE=False, USE_SPLIT=use_split, DENSE_KV=False,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
     if use_split:
         _split_reduce_kernel[(B, Hq)](

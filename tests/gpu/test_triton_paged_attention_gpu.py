@@ -8,6 +8,7 @@ bf16 rel-norm < 1e-2; fp8 out bit-exact vs static_fp8_quant_reference(own bf16 o
 """
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -65,9 +66,36 @@ def fp8_code_distance(a, b):
     return (line(a) - line(b)).abs()
 
 
+def new_token_kv(kc, vc, q_lens, kv_lens, bt, dtype, t_pad=0):
+    """The new tokens' K/V [T, Hkv, D] (what was written into the cache); padding rows are garbage."""
+    bs = kc.shape[1]
+    T = sum(q_lens) + t_pad
+    key = torch.randn((T,) + tuple(kc.shape[2:]), device="cuda").mul(100).to(dtype)
+    value = torch.randn((T,) + tuple(kc.shape[2:]), device="cuda").mul(100).to(dtype)
+    qsl = [0] + torch.tensor(q_lens).cumsum(0).tolist()
+    pos = torch.cat([torch.arange(kl - ql, kl) for ql, kl in zip(q_lens, kv_lens)]).cuda()
+    seq = torch.cat([torch.full((ql,), s) for s, ql in enumerate(q_lens)]).cuda()
+    blk = bt.long()[seq, pos // bs]
+    slot = pos % bs
+    def rows(c):
+        return c.view(torch.uint8)[blk, slot].view(c.dtype) if c.dtype == FP8 else c[blk, slot]
+    key[: qsl[-1]] = rows(kc).to(dtype)
+    value[: qsl[-1]] = rows(vc).to(dtype)
+    return key, value
+
+
 def check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch.bfloat16, t_pad=0,
-               seed=0, q_view=False):
+               seed=0, q_view=False, dense=False):
     q, kc, vc, qsl, sl, bt = make_batch(q_lens, kv_lens, Hq, Hkv, D, bs, dtype, kv_fp8, t_pad, seed)
+    kv_in = {}
+    if dense:
+        key, value = new_token_kv(kc, vc, q_lens, kv_lens, bt, dtype, t_pad)
+        if q_view:  # strided views, as slices of a fused qkv tensor
+            kv2 = torch.randn(key.shape[0], 2 * Hkv + 3, D, device="cuda").to(dtype)
+            kv2[:, :Hkv] = key
+            kv2[:, Hkv + 3:] = value
+            key, value = kv2[:, :Hkv], kv2[:, Hkv + 3:]
+        kv_in = dict(key=key, value=value)
     if q_view:  # non-contiguous query view (as a slice of a fused qkv tensor)
         qkv = torch.randn(q.shape[0], Hq + 2 * Hkv, D, device="cuda", dtype=dtype)
         qkv[:, :Hq] = q
@@ -78,14 +106,14 @@ def check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=tor
     args = (qsl, sl, bt, max(q_lens), max(kv_lens), scale, sw, ks, vs)
     ref = tpa.reference_paged_attention(q, kc, vc, *args)
     out = poison(q.shape, dtype)
-    tpa.paged_attention(q, kc, vc, out, *args)
+    tpa.paged_attention(q, kc, vc, out, *args, **kv_in)
     torch.cuda.synchronize()
     assert not out.isnan().any(), "unwritten / NaN output"
     err = ((out.float() - ref).norm() / ref.norm()).item()
     assert err < 1e-2, f"rel err {err}"
     os_ = torch.tensor([0.02], device="cuda")
     out8 = poison(q.shape, FP8)
-    tpa.paged_attention(q, kc, vc, out8, *args, output_scale=os_)
+    tpa.paged_attention(q, kc, vc, out8, *args, output_scale=os_, **kv_in)
     torch.cuda.synchronize()
     assert not out8.float().isnan().any(), "unwritten / NaN fp8 output"
     own = tpa.static_fp8_quant_reference(out, os_)
@@ -96,8 +124,12 @@ def check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=tor
     assert ok.all(), f"{(~ok).sum().item()} fp8 elements > 1 ulp off"
     # determinism
     out2 = poison(q.shape, dtype)
-    tpa.paged_attention(q, kc, vc, out2, *args)
+    tpa.paged_attention(q, kc, vc, out2, *args, **kv_in)
     assert torch.equal(out, out2), "non-deterministic output"
+    if dense:  # same tiles, same values: bit-identical to the paged-only path
+        out3 = poison(q.shape, dtype)
+        tpa.paged_attention(q, kc, vc, out3, *args)
+        assert torch.equal(out, out3), "dense new-token path != paged path"
     return err
 
 
@@ -138,10 +170,27 @@ def _cases():
     cases.append(("decode_pad_g5", [1] * 3, [3000, 1, 77], 40, 8, 128, 16, {"t_pad": 4}))
     cases.append(("prefill_4096", [4096], [4096], 32, 8, 128, 16, {}))
     cases.append(("prefill_d256_sw", [700, 300], [1500, 300], 16, 8, 256, 16, {"sw": 512}))
+    # new tokens' K/V from the key/value inputs (dense), context from the cache
+    ql, kl = _mixed(3, 3, 527, rng)
+    cases.append(("dense_b533_40x8", ql, kl, 40, 8, 128, 16, {"dense": True, "t_pad": 3}))
+    for D in (64, 96, 128, 256):
+        ql, kl = _mixed(2, 3, 4, rng)
+        cases.append((f"dense_mixed_d{D}", ql, kl, 16, 4, D, 16, {"dense": True}))
+    cases.append(("dense_prefill_4096", [4096], [4096], 32, 8, 128, 16, {"dense": True}))
+    cases.append(("dense_chunk_sw_qview", [700, 333, 1], [1500, 900, 50], 32, 8, 128, 32,
+                  {"dense": True, "sw": 300, "q_view": True}))
+    cases.append(("dense_kvfp8_ignored", [300, 1], [700, 90], 32, 8, 128, 16, {"dense": True, "kv_fp8": True}))
+    cases.append(("dense_fp16_mqa", [500, 64], [500, 1000], 32, 1, 128, 16, {"dense": True,
+                                                                              "dtype": torch.float16}))
     return cases
 
 
 CASES = _cases()
+# GPU_TEST_SHARD=i/n runs every n-th case (and the quant/graph checks in shard 0 only): lets one GPU
+# compile several shards in parallel processes (benchmarks/attention_quant.py --tests does).
+_SHARD = os.environ.get("GPU_TEST_SHARD", "0/1")
+_SI, _SN = (int(x) for x in _SHARD.split("/"))
+CASES = [c for i, c in enumerate(CASES) if i % _SN == _SI]
 
 if pytest is not None:
     @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -149,9 +198,11 @@ if pytest is not None:
         name, ql, kl, Hq, Hkv, D, bs, extra = case
         check_case(ql, kl, Hq, Hkv, D, bs, **extra)
 
+    @pytest.mark.skipif(_SI != 0, reason="other shard")
     def test_gpu_quant_kernel():
         _quant_check()
 
+    @pytest.mark.skipif(_SI != 0, reason="other shard")
     def test_gpu_cuda_graph():
         _graph_check()
 
