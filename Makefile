@@ -23,6 +23,10 @@ test: setup
 demo: setup
 	$(PY) -m vllm_overlay report
 
+# triton 3.2.0 (vLLM 0.8.5 users' triton) packed for the GPU box: .gpu_bundle/triton-3.2.0.tar.xz
+triton-bundle:
+	$(PYTHON_SYS) gpu_harness/triton_bundle.py build
+
 patches: setup
 	$(PY) tools/make_patches.py
 
