@@ -48,6 +48,7 @@ class ModelSpec:
     pass_config: tuple = ()          # ((field, value), ...) set after VllmConfig init
     tp_size: int = 1
     tp_rank: int = 0
+    kv_cache_dtype: str = "auto"     # "auto" | "fp8" (uint8 cache, e4m3 values)
 
 
 @dataclasses.dataclass
@@ -222,7 +223,7 @@ def _build_vllm_config(spec, model_dir):
     vllm_config = VllmConfig(
         model_config=model_config,
         cache_config=CacheConfig(block_size=16, gpu_memory_utilization=0.9,
-                                 swap_space=0, cache_dtype="auto"),
+                                 swap_space=0, cache_dtype=spec.kv_cache_dtype),
         parallel_config=ParallelConfig(tensor_parallel_size=spec.tp_size),
         scheduler_config=SchedulerConfig(max_num_batched_tokens=256,
                                          max_num_seqs=8, max_model_len=256),

@@ -59,10 +59,16 @@ class Runner:
                      for seq in range(MAX_SEQS)}
         self.kv_caches = {}
         for name, layer in self.layers.items():
-            cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, layer.num_kv_heads,
-                                layer.head_size, generator=gen).to(
-                                    vllm_config.model_config.dtype)
-            layer.kv_cache = [cache]      # poisoned: unwritten slots are noise
+            # poisoned: unwritten slots are noise; FP8 caches are uint8, as
+            # vLLM's V1 runner allocates them
+            shape = (2, NUM_BLOCKS, BLOCK_SIZE, layer.num_kv_heads, layer.head_size)
+            if layer.kv_cache_dtype.startswith("fp8"):
+                cache = torch.randint(0, 0x7f, shape, generator=gen,
+                                      dtype=torch.uint8)
+            else:
+                cache = torch.randn(shape, generator=gen).to(
+                    vllm_config.model_config.dtype)
+            layer.kv_cache = [cache]
             self.kv_caches[name] = cache
 
     @staticmethod
@@ -141,6 +147,8 @@ class Runner:
             for seq, n in sorted(self.context.items()) for i in range(n)])
         out = {}
         for name, cache in self.kv_caches.items():
-            flat = cache.flatten(1, 2)            # [2, blocks * block_size, Hkv, D]
-            out[name] = flat[:, slots].float()
+            rows = cache.flatten(1, 2)[:, slots]  # [2, slots, Hkv, D]
+            if rows.dtype == torch.uint8:
+                rows = rows.view(torch.float8_e4m3fn)
+            out[name] = rows.float()
         return out

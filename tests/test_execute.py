@@ -37,9 +37,9 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def spec(arch, mode, fused=False):
+def spec(arch, mode, fused=False, kv="auto"):
     return ModelSpec(arch=arch, mode=mode, num_layers=N,
-                     pass_config=ON if fused else ())
+                     pass_config=ON if fused else (), kv_cache_dtype=kv)
 
 
 @pytest.fixture(scope="session")
@@ -178,3 +178,19 @@ def test_captured_pieces_read_fixed_addresses(overlay_compiled, arch, fused):
                 continue
             assert _fixed_address(arg, split_gm, captured), \
                 f"{node.target} reads {arg.name}, made outside a captured piece"
+
+
+def test_fp8_kv_cache_runs_fused(overlay_compiled):
+    """V1 + --kv-cache-dtype fp8 (a uint8 cache holding e4m3; the kernel
+    reads it as FP8): fused == unfused bit for bit, both within the
+    tolerance of the eager model with the same FP8 cache."""
+    ref = overlay_compiled(spec("llama", "eager", kv="fp8"))
+    off = overlay_compiled(spec("llama", "piecewise", kv="fp8"))
+    on = overlay_compiled(spec("llama", "piecewise", fused=True, kv="fp8"))
+    assert next(iter(on.runner.kv_caches.values())).dtype == torch.uint8
+    for a, b, want in zip(on.outputs, off.outputs, ref.outputs):
+        assert torch.equal(a.hidden, b.hidden)
+        assert rel(a.hidden, want.hidden) <= TOLERANCE
+    kv_on, kv_off = on.runner.written_kv(), off.runner.written_kv()
+    assert all(torch.equal(kv_on[k], kv_off[k]) for k in kv_off)
+    assert _fused_launches(on) == [torch.float8_e4m3fn] * (N * len(on.outputs))

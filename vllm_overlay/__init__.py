@@ -106,6 +106,9 @@ def install():
     # platform resolution (done here) loads _C first, as in vLLM's own entry
     # points.  A freshly spawned process may reach us before that.
     import vllm._custom_ops  # noqa: F401
+    # vLLM modules patched by feature modules that a patched vLLM hooks
+    # at their own import (attention_quant patches the loader).
+    import vllm.model_executor.model_loader.loader  # noqa: F401
     from vllm.platforms import current_platform
     if not current_platform.is_cuda():
         # Nothing to fuse: vLLM found no CUDA device (or could not load _C).

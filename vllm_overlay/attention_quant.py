@@ -15,6 +15,7 @@ fused today, per-token(-group) and dynamic schemes slot in as new keys.
 """
 import dataclasses
 import logging
+import sys
 
 import torch
 
@@ -103,7 +104,11 @@ def _install_load_check():
 
 
 def install():
-    _install_load_check()
+    # Patched vLLM calls this from layer.py and from loader.py: the loader
+    # is patched once it is imported (importing it from layer.py would be
+    # circular).  Overlay mode imports it first (vllm_overlay.install).
+    if "vllm.model_executor.model_loader.loader" in sys.modules:
+        _install_load_check()
     from vllm.attention.backends.abstract import AttentionImpl
     from vllm.attention.layer import Attention
     if getattr(Attention.__init__, "_vllm_overlay", False):

@@ -4,9 +4,12 @@ After ``install()``, ``TRITON_ATTN_VLLM_V1`` builds
 :class:`TritonFusedAttentionImpl`: it writes the KV cache in the flash
 layout ``[2, num_blocks, block_size, Hkv, D]`` (``reshape_and_cache_flash``,
 the shape the backend allocates) and runs
-``triton_paged_attention.paged_attention`` on it, with bf16/fp16 output
+``triton_paged_attention.paged_attention`` on it (a prefill's own tokens read
+densely from ``key``/``value``, its context from the cache), with bf16/fp16 output
 (stock meaning) or, given ``output_scale``, static per-tensor FP8 output.
-It reports fused support for static per-tensor FP8 only.
+It reports fused support for static per-tensor FP8 only.  With this backend
+selected, ``--kv-cache-dtype fp8`` (e4m3) keeps the V1 engine (vLLM 0.8.5
+would fall back to V0, where nothing fuses).
 
 Layers the kernel does not cover (ALiBi, chunked local attention "iRoPE")
 keep vLLM's own implementation, unfused.
@@ -19,7 +22,8 @@ import vllm_overlay.attention_quant as attention_quant
 import vllm_overlay.triton_paged_attention as kernel
 
 VLLM_TARGET = "vllm/v1/attention/backends/triton_fused_attn.py"
-VLLM_HOOKS = ("vllm/v1/attention/backends/triton_attn.py", )
+VLLM_HOOKS = ("vllm/v1/attention/backends/triton_attn.py",
+              "vllm/engine/arg_utils.py")
 
 logger = logging.getLogger("vllm.overlay")
 
@@ -72,7 +76,7 @@ def _impl_class():
                 attn_metadata.max_seq_len, self.scale,
                 sliding_window=None if window < 0 else window + 1,
                 k_scale=layer._k_scale, v_scale=layer._v_scale,
-                output_scale=output_scale)
+                output_scale=output_scale, key=key, value=value)
             return output
 
     return TritonFusedAttentionImpl
@@ -80,9 +84,45 @@ def _impl_class():
 
 TritonFusedAttentionImpl = None
 
+# KV-cache dtypes the kernel reads (e4m3; vLLM's "fp8" means e4m3 on CUDA).
+FP8_KV_CACHE = ("fp8", "fp8_e4m3")
+
+
+def _install_v1_oracle():
+    """vLLM 0.8.5 sends every ``--kv-cache-dtype fp8`` user to V0 unless
+    FlashAttention 3 serves it.  This backend reads an e4m3 KV cache, so
+    with ``VLLM_ATTENTION_BACKEND=TRITON_ATTN_VLLM_V1`` the oracle judges
+    everything else as stock and V1 stays on (logged).  Every other
+    backend / cache dtype decides exactly as stock."""
+    import vllm.envs as envs
+    from vllm.engine.arg_utils import EngineArgs
+    stock = EngineArgs._is_v1_supported_oracle
+    if getattr(stock, "_vllm_overlay", False):
+        return
+
+    def _is_v1_supported_oracle(self, model_config):
+        kv_dtype = self.kv_cache_dtype
+        if kv_dtype not in FP8_KV_CACHE or \
+                envs.VLLM_ATTENTION_BACKEND != "TRITON_ATTN_VLLM_V1":
+            return stock(self, model_config)
+        self.kv_cache_dtype = "auto"
+        try:
+            supported = stock(self, model_config)
+        finally:
+            self.kv_cache_dtype = kv_dtype
+        if supported:
+            logger.info("V1 kept with --kv-cache-dtype %s: the overlay's "
+                        "TRITON_ATTN_VLLM_V1 backend reads an FP8 (e4m3) KV "
+                        "cache", kv_dtype)
+        return supported
+
+    _is_v1_supported_oracle._vllm_overlay = True
+    EngineArgs._is_v1_supported_oracle = _is_v1_supported_oracle
+
 
 def install():
     global TritonFusedAttentionImpl
+    _install_v1_oracle()
     from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
     if TritonFusedAttentionImpl is not None:
         return
