@@ -26,6 +26,15 @@ Quantization formats (``fmt``):
 ``"fp8-dynamic"``
     compressed-tensors FP8 with per-channel weight scales (``[out, 1]``) and
     dynamic per-token activation scales: no ``input_scale`` tensors at all.
+``"fp8-block"`` / ``"fp8-block-d64"``
+    vLLM's block-FP8 format (``quant_method: fp8``, ``activation_scheme:
+    dynamic``, ``weight_block_size: [128, 128]``, as the Qwen3 / DeepSeek FP8
+    releases): per linear layer ``weight`` (float8_e4m3fn) and
+    ``weight_scale_inv`` (fp32 ``[ceil(out/128), ceil(in/128)]``, one scale
+    per 128x128 block); activations quantized per token and 128-group at run
+    time.  Their default dimensions (``FORMAT_DIMS``) are multiples of 128:
+    head size 128 (one group = one head: fusable) or 64 (a group spans two
+    heads: not fusable).
 
 Static activation scales come from a float64 calibration forward pass of the
 unquantized model (Hugging Face implementation of the same architecture):
@@ -50,7 +59,17 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
-FORMATS = ("fp8", "compressed-tensors", "fp8-dynamic")
+FORMATS = ("fp8", "compressed-tensors", "fp8-dynamic", "fp8-block",
+           "fp8-block-d64")
+BLOCK_FORMATS = ("fp8-block", "fp8-block-d64")
+WEIGHT_BLOCK = (128, 128)
+# Default dimensions per format where they differ from build_checkpoint's.
+FORMAT_DIMS = {
+    "fp8-block": dict(hidden_size=256, num_heads=2, num_kv_heads=1,
+                      head_dim=128, intermediate_size=256),
+    "fp8-block-d64": dict(hidden_size=256, num_heads=4, num_kv_heads=2,
+                          head_dim=64, intermediate_size=256),
+}
 
 # Special tokens occupy the first ids; byte tokens and merges follow.
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -253,6 +272,9 @@ def _dims(num_layers, hidden_size, num_heads, num_kv_heads, head_dim,
 def _quantization_config(fmt: str) -> dict:
     if fmt == "fp8":
         return {"quant_method": "fp8", "activation_scheme": "static"}
+    if fmt in BLOCK_FORMATS:
+        return {"quant_method": "fp8", "activation_scheme": "dynamic",
+                "weight_block_size": list(WEIGHT_BLOCK)}
     if fmt not in ("compressed-tensors", "fp8-dynamic"):
         raise ValueError(f"unknown fmt {fmt!r}; one of {FORMATS}")
     static = fmt == "compressed-tensors"
@@ -426,6 +448,22 @@ def quantize_fp8_per_channel(w: torch.Tensor):
     return q, scale
 
 
+def quantize_fp8_block(w: torch.Tensor, block=WEIGHT_BLOCK):
+    """(fp8 weight, fp32 ``[ceil(out/bn), ceil(in/bk)]`` scale), one scale
+    (amax / 448) per ``block`` of the weight."""
+    bn, bk = block
+    n, k = w.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    padded = torch.zeros(nb * bn, kb * bk, dtype=torch.float32)
+    padded[:n, :k] = w
+    tiles = padded.reshape(nb, bn, kb, bk)
+    amax = tiles.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax, torch.ones_like(amax)) / FP8_MAX
+    full = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
+    q = (w.to(torch.float32) / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
 def calibration_token_ids(vocab_size: int, seed: int = 0) -> List[List[int]]:
     """A few token id sequences: corpus text plus seeded random ids."""
     tok = build_tokenizer(vocab_size)
@@ -501,6 +539,11 @@ def quantized_state_dict(weights: Dict[str, torch.Tensor], fmt: str,
             out[name] = t.to(torch.bfloat16).contiguous()
             continue
         module = name[:-len(".weight")]
+        if fmt in BLOCK_FORMATS:
+            q, s = quantize_fp8_block(t)
+            out[name] = q.contiguous()
+            out[module + ".weight_scale_inv"] = s.contiguous()
+            continue
         if fmt == "fp8-dynamic":
             q, s = quantize_fp8_per_channel(t)
         else:
@@ -525,6 +568,12 @@ def dequantize(state: Dict[str, torch.Tensor],
     w = state[name]
     if w.dtype != FP8_DTYPE:
         return w.to(torch.float32)
+    block = state.get(name[:-len("weight")] + "weight_scale_inv")
+    if block is not None:
+        n, k = w.shape
+        full = block.repeat_interleave(WEIGHT_BLOCK[0], 0).repeat_interleave(
+            WEIGHT_BLOCK[1], 1)[:n, :k]
+        return w.to(torch.float32) * full
     s = state[name[:-len("weight")] + "weight_scale"].to(torch.float32)
     if s.dim() == 0 or s.numel() == 1:
         s = s.reshape(())
@@ -590,19 +639,32 @@ def _write_json(path: pathlib.Path, obj) -> None:
 def build_checkpoint(path,
                      arch: str = "llama",
                      num_layers: int = 2,
-                     hidden_size: int = 128,
-                     num_heads: int = 4,
-                     num_kv_heads: int = 2,
+                     hidden_size: Optional[int] = None,
+                     num_heads: Optional[int] = None,
+                     num_kv_heads: Optional[int] = None,
                      head_dim: Optional[int] = None,
-                     intermediate_size: int = 256,
+                     intermediate_size: Optional[int] = None,
                      vocab_size: int = 512,
                      fmt: str = "fp8",
                      seed: int = 0) -> pathlib.Path:
     """Write a tiny FP8 checkpoint of ``arch`` in ``fmt`` to ``path``.
 
-    ``head_dim`` defaults to ``hidden_size // num_heads``. Returns the
-    directory as a ``pathlib.Path``. Deterministic in all arguments.
+    Dimensions left None take ``FORMAT_DIMS[fmt]`` (block formats), else
+    hidden 128, 4 heads, 2 KV heads, intermediate 256; ``head_dim`` defaults
+    to ``hidden_size // num_heads``. Returns the directory as a
+    ``pathlib.Path``. Deterministic in all arguments.
     """
+    given = dict(hidden_size=hidden_size, num_heads=num_heads,
+                 num_kv_heads=num_kv_heads, head_dim=head_dim,
+                 intermediate_size=intermediate_size)
+    if all(v is None for v in given.values()):
+        given.update(FORMAT_DIMS.get(fmt, {}))
+    defaults = dict(hidden_size=128, num_heads=4, num_kv_heads=2,
+                    intermediate_size=256)
+    dim = {k: defaults.get(k) if v is None else v for k, v in given.items()}
+    hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size = (
+        dim["hidden_size"], dim["num_heads"], dim["num_kv_heads"],
+        dim["head_dim"], dim["intermediate_size"])
     from safetensors.torch import save_file
 
     if arch not in ARCHS:
@@ -620,7 +682,7 @@ def build_checkpoint(path,
                                 dims.vocab_size, seed)
     config = make_config(arch, dims, fmt)
     input_amax = None
-    if fmt != "fp8-dynamic":
+    if fmt not in ("fp8-dynamic", ) + BLOCK_FORMATS:
         input_amax = calibrate_input_amax(
             config, weights, calibration_token_ids(dims.vocab_size, seed))
     state = quantized_state_dict(weights, fmt, input_amax)
@@ -648,11 +710,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--arch", default="llama", choices=sorted(ARCHS))
     ap.add_argument("--fmt", default="fp8", choices=FORMATS)
     ap.add_argument("--num-layers", type=int, default=2)
-    ap.add_argument("--hidden-size", type=int, default=128)
-    ap.add_argument("--num-heads", type=int, default=4)
-    ap.add_argument("--num-kv-heads", type=int, default=2)
+    ap.add_argument("--hidden-size", type=int, default=None)
+    ap.add_argument("--num-heads", type=int, default=None)
+    ap.add_argument("--num-kv-heads", type=int, default=None)
     ap.add_argument("--head-dim", type=int, default=None)
-    ap.add_argument("--intermediate-size", type=int, default=256)
+    ap.add_argument("--intermediate-size", type=int, default=None)
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)

@@ -50,6 +50,7 @@ __all__ = [
     "reference_paged_attention",
     "static_fp8_quant",
     "static_fp8_quant_reference",
+    "group_fp8_quant_reference",
 ]
 
 FP8_E4M3_MAX = 448.0
@@ -157,6 +158,31 @@ def static_fp8_quant_reference(x: torch.Tensor, scale) -> torch.Tensor:
     inv = torch.ones_like(s) / s
     y = (x.to(torch.float32) * inv).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     return y.to(torch.float8_e4m3fn)
+
+
+GROUP_EPS = 1e-10   # vLLM's per_token_group_quant_fp8 eps
+
+
+def _empty_group_scale(like: torch.Tensor) -> torch.Tensor:
+    """The scale vLLM's group quant gives an all-zero group: max(0, 1e-10) / 448 in fp32."""
+    eps = torch.full(like.shape, GROUP_EPS, dtype=torch.float32, device=like.device)
+    return eps / FP8_E4M3_MAX
+
+
+def group_fp8_quant_reference(x: torch.Tensor, group_size: int, column_major: bool = False):
+    """vLLM 0.8.5 ``per_token_group_quant_fp8`` in torch: x [..., K] (K % group_size == 0) ->
+    (fp8 [..., K], fp32 scales [..., K / group_size]); per group s = max(amax(x), 1e-10) / 448 and
+    q = fp8_e4m3fn(clamp(x / s, -448, 448)) (fp32, true division, RNE).  ``column_major``: scales
+    of a 2-D x are returned with strides (1, M), as vLLM allocates them for CUTLASS."""
+    k = x.shape[-1]
+    y = x.to(torch.float32).reshape(*x.shape[:-1], k // group_size, group_size)
+    amax = torch.clamp(y.abs().amax(dim=-1, keepdim=True), min=GROUP_EPS)
+    s = amax / FP8_E4M3_MAX
+    q = (y / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).reshape(x.shape)
+    s = s.squeeze(-1)
+    if column_major:
+        s = s.t().contiguous().t()
+    return q, s
 
 
 @triton.jit
@@ -280,32 +306,49 @@ def _kv_tile_loop(acc, l_i, m_i, q, K, V, bt_row, k_head_off, v_head_off,
 
 
 @triton.jit
-def _store_output(Out, o_ptrs, o, mask, inv_out_scale,
-                  OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr, PRE_ROUND: tl.constexpr):
-    """o: fp32 final attention values. FP8: round through the query dtype, then static quant."""
+def _store_output(Out, o_ptrs, o, mask, inv_out_scale, OutS, s_offs, s_mask,
+                  OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr, PRE_ROUND: tl.constexpr,
+                  OUT_GROUP: tl.constexpr):
+    """o: fp32 final attention values [rows, HEAD_D_PAD], one row = one (token, head).
+
+    FP8: round through the query dtype, then the static quant, or (OUT_GROUP) vLLM's dynamic
+    per-token-group quant with group = head: s = max(amax(row), 1e-10) / 448, q = fp8(clamp(row / s)),
+    s stored at OutS + s_offs (fp32, one per row; rows where s_mask).
+    """
     if OUT_FP8:
         if Q_BF16:
             o = o.to(tl.bfloat16).to(tl.float32)
         else:
             o = o.to(tl.float16).to(tl.float32)
-        tl.store(o_ptrs, _quant_e4m3(o, inv_out_scale, PRE_ROUND).to(tl.float8e4nv), mask=mask)
+        if OUT_GROUP:
+            # vLLM 0.8.5 fp8_utils._per_token_group_quant_fp8, same operations in the same order
+            amax = tl.maximum(tl.max(tl.where(mask, tl.abs(o), 0.0), 1), 1e-10)
+            s = amax / 448.0
+            y = o / s[:, None]
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            if PRE_ROUND:
+                y = _round_to_e4m3_grid(y)
+            tl.store(o_ptrs, y.to(tl.float8e4nv), mask=mask)
+            tl.store(OutS + s_offs, s, mask=s_mask)
+        else:
+            tl.store(o_ptrs, _quant_e4m3(o, inv_out_scale, PRE_ROUND).to(tl.float8e4nv), mask=mask)
     else:
         tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _paged_attn_fwd_kernel(
-    Q, K, V, Out, QSL, SeqLens, BT, WsAcc, WsML, KD, VD,
+    Q, K, V, Out, QSL, SeqLens, BT, WsAcc, WsML, KD, VD, OutS,
     k_scale, v_scale, out_scale,
     softmax_scale, num_seqs, num_tokens, num_splits,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ot, stride_oh, stride_bt, stride_kdt, stride_kdh, stride_vdt, stride_vdh,
+    stride_ot, stride_oh, stride_bt, stride_st, stride_sh, stride_kdt, stride_kdh, stride_vdt, stride_vdh,
     G: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
     KS_PTR: tl.constexpr, VS_PTR: tl.constexpr, OS_PTR: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
-    OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr,
+    OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr, OUT_GROUP: tl.constexpr,
     SEQ_GRID: tl.constexpr, SKIP_DECODE: tl.constexpr, USE_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
     PRE_ROUND: tl.constexpr, DENSE_KV: tl.constexpr,
 ):
@@ -362,7 +405,9 @@ def _paged_attn_fwd_kernel(
             o_ptrs = Out + tok.to(tl.int64)[:, None] * stride_ot + q_head[:, None] * stride_oh \
                 + offs_d[None, :]
             zero = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
-            _store_output(Out, o_ptrs, zero, pmask[:, None] & dmask[None, :], 1.0, OUT_FP8, Q_BF16, PRE_ROUND)
+            s_offs = tok.to(tl.int64) * stride_st + q_head * stride_sh
+            _store_output(Out, o_ptrs, zero, pmask[:, None] & dmask[None, :], 1.0, OutS, s_offs, pmask,
+                          OUT_FP8, Q_BF16, PRE_ROUND, OUT_GROUP)
             q_len = q_start * 0
             active = q_start < 0
         else:
@@ -486,20 +531,22 @@ def _paged_attn_fwd_kernel(
             o = acc / l_safe[:, None]
             if HAS_KV_SCALE:
                 o = o * vs
-            if OUT_FP8:
+            if OUT_FP8 and not OUT_GROUP:
                 inv_os = _load_inv_scale(out_scale, OS_PTR)
             else:
                 inv_os = 1.0
             o_ptrs = Out + q_tok[:, None] * stride_ot + q_head[:, None] * stride_oh + offs_d[None, :]
-            _store_output(Out, o_ptrs, o, row_valid[:, None] & dmask[None, :], inv_os, OUT_FP8, Q_BF16, PRE_ROUND)
+            s_offs = q_tok * stride_st + q_head * stride_sh
+            _store_output(Out, o_ptrs, o, row_valid[:, None] & dmask[None, :], inv_os, OutS, s_offs, row_valid,
+                          OUT_FP8, Q_BF16, PRE_ROUND, OUT_GROUP)
 
 
 @triton.jit
 def _split_reduce_kernel(
-    Out, WsAcc, WsML, QSL, v_scale, out_scale, num_splits, stride_ot, stride_oh,
+    Out, WsAcc, WsML, QSL, v_scale, out_scale, OutS, num_splits, stride_ot, stride_oh, stride_st, stride_sh,
     NUM_Q_HEADS: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr, VS_PTR: tl.constexpr, OS_PTR: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
-    OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr, PRE_ROUND: tl.constexpr,
+    OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr, PRE_ROUND: tl.constexpr, OUT_GROUP: tl.constexpr,
 ):
     """Merge split-KV partials of decode sequences and run the epilogue (quant happens once, here).
 
@@ -524,12 +571,15 @@ def _split_reduce_kernel(
         o = tl.sum(acc * w[:, None], 0) / l_tot
         if HAS_KV_SCALE:
             o = o * _load_scale(v_scale, VS_PTR)
-        if OUT_FP8:
+        if OUT_FP8 and not OUT_GROUP:
             inv_os = _load_inv_scale(out_scale, OS_PTR)
         else:
             inv_os = 1.0
         o_ptrs = Out + q_start.to(tl.int64) * stride_ot + h * stride_oh + offs_d
-        _store_output(Out, o_ptrs, o, offs_d < HEAD_D, inv_os, OUT_FP8, Q_BF16, PRE_ROUND)
+        # one row: [1, HEAD_D_PAD]
+        s_offs = tl.zeros([1], dtype=tl.int64) + q_start.to(tl.int64) * stride_st + h * stride_sh
+        _store_output(Out, o_ptrs[None, :], o[None, :], (offs_d < HEAD_D)[None, :], inv_os, OutS, s_offs,
+                      s_offs >= 0, OUT_FP8, Q_BF16, PRE_ROUND, OUT_GROUP)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -657,8 +707,14 @@ def paged_attention(
     output_scale: Optional[Union[torch.Tensor, float]] = None,
     key: Optional[torch.Tensor] = None,
     value: Optional[torch.Tensor] = None,
+    output_group_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Causal paged attention, writes ``out`` in place (every row of ``out`` is written).
+
+    output_group_scale (fp32 [T, Hq], any strides: row-major [T, Hq] for vLLM's Triton block GEMM or
+    column-major, stride (1, T), for CUTLASS): dynamic per-token-group FP8 with group = head, as vLLM's
+    ``per_token_group_quant_fp8`` of the bf16 output: per (token, head) s = max(amax, 1e-10) / 448
+    written here, out = fp8(clamp(bf16(o) / s)); out must be float8_e4m3fn, output_scale None.
 
     query: [T, Hq, D] bf16/fp16 (last dim contiguous); key_cache/value_cache: [num_blocks, block_size,
     Hkv, D] of query dtype or float8_e4m3fn (then k_scale/v_scale dequantize); out: [T, Hq, D] of query
@@ -692,7 +748,14 @@ def paged_attention(
     if not kv_fp8 and key_cache.dtype != query.dtype:
         raise ValueError(f"kv cache dtype {key_cache.dtype} must equal query dtype {query.dtype} or be float8_e4m3fn")
     out_fp8 = out.dtype == torch.float8_e4m3fn
-    if out_fp8:
+    out_group = output_group_scale is not None
+    if out_group:
+        if not out_fp8 or output_scale is not None:
+            raise ValueError("output_group_scale needs a float8_e4m3fn out and no output_scale")
+        if output_group_scale.dtype != torch.float32 or tuple(output_group_scale.shape) != (T, Hq):
+            raise ValueError(f"output_group_scale must be float32 [T, Hq] = [{T}, {Hq}], got "
+                             f"{output_group_scale.dtype} {tuple(output_group_scale.shape)}")
+    elif out_fp8:
         if output_scale is None:
             raise ValueError("out is float8_e4m3fn but output_scale is None")
     else:
@@ -734,6 +797,8 @@ def paged_attention(
         return
     if B == 0:
         out.zero_() if not out_fp8 else out.view(torch.uint8).zero_()
+        if out_group:
+            output_group_scale.copy_(_empty_group_scale(output_group_scale))
         return
 
     G = Hq // Hkv
@@ -742,12 +807,15 @@ def paged_attention(
     common = dict(
         G=G, NUM_Q_HEADS=Hq, HEAD_D=D, HEAD_D_PAD=d_pad, KV_BLOCK_SIZE=bs, SLIDING_WINDOW=sw,
         KS_PTR=ks_ptr, VS_PTR=vs_ptr, OS_PTR=os_ptr, HAS_KV_SCALE=has_kv_scale,
-        OUT_FP8=out_fp8, Q_BF16=q_bf16, DOT_F32=_INTERPRET, PRE_ROUND=PRE_ROUND_FP8 or _INTERPRET,
+        OUT_FP8=out_fp8, Q_BF16=q_bf16, OUT_GROUP=out_group, DOT_F32=_INTERPRET, PRE_ROUND=PRE_ROUND_FP8 or _INTERPRET,
     )
     strides = (query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
                out.stride(0), out.stride(1), block_table.stride(0))
     dummy = query  # unused workspace pointers
+    scales = output_group_scale if out_group else dummy
+    s_strides = (output_group_scale.stride(0), output_group_scale.stride(1)) if out_group else (0, 0)
+    strides = strides + s_strides
     no_dense = (dummy, dummy, 0, 0, 0, 0)
 
     pure_decode = max_query_len <= 1
@@ -761,7 +829,7 @@ def paged_attention(
                       if dense else no_dense)
         LAST_LAUNCH["prefill"] = _paged_attn_fwd_kernel[grid](
             query, key_cache, value_cache, out, query_start_loc, seq_lens, block_table, dummy, dummy,
-            *dense_args[:2], ks_arg, vs_arg, os_arg, softmax_scale, B, T, 1, *strides, *dense_args[2:],
+            *dense_args[:2], scales, ks_arg, vs_arg, os_arg, softmax_scale, B, T, 1, *strides, *dense_args[2:],
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"],
             SEQ_GRID=False, SKIP_DECODE=True, USE_SPLIT=False, DENSE_KV=dense,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
@@ -769,6 +837,8 @@ def paged_attention(
         # pure decode: tokens [B, T) are padding
         pad = out[B:]
         pad.zero_() if not out_fp8 else pad.view(torch.uint8).zero_()
+        if out_group:
+            output_group_scale[B:] = _empty_group_scale(output_group_scale[B:])
 
     # decode sequences (q_len == 1), possibly split over KV
     cfg = _decode_config(d_pad, G, kv_fp8)
@@ -782,16 +852,16 @@ def paged_attention(
         ws_acc = ws_ml = dummy
     LAST_LAUNCH["decode"] = _paged_attn_fwd_kernel[(B, Hkv, splits)](
         query, key_cache, value_cache, out, query_start_loc, seq_lens, block_table, ws_acc, ws_ml,
-        *no_dense[:2], ks_arg, vs_arg, os_arg, softmax_scale, B, T, splits, *strides, *no_dense[2:],
+        *no_dense[:2], scales, ks_arg, vs_arg, os_arg, softmax_scale, B, T, splits, *strides, *no_dense[2:],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=1, BLOCK_N=cfg["BLOCK_N"],
         SEQ_GRID=True, SKIP_DECODE=False, USE_SPLIT=use_split, DENSE_KV=False,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
     if use_split:
         _split_reduce_kernel[(B, Hq)](
-            out, ws_acc, ws_ml, query_start_loc, vs_arg, os_arg, splits, out.stride(0), out.stride(1),
-            NUM_Q_HEADS=Hq, HEAD_D=D, HEAD_D_PAD=d_pad, SPLITS_PAD=max(2, _next_pow2(splits)),
+            out, ws_acc, ws_ml, query_start_loc, vs_arg, os_arg, scales, splits, out.stride(0), out.stride(1),
+            *s_strides, NUM_Q_HEADS=Hq, HEAD_D=D, HEAD_D_PAD=d_pad, SPLITS_PAD=max(2, _next_pow2(splits)),
             VS_PTR=vs_ptr, OS_PTR=os_ptr, HAS_KV_SCALE=has_kv_scale, OUT_FP8=out_fp8, Q_BF16=q_bf16,
-            PRE_ROUND=PRE_ROUND_FP8 or _INTERPRET, num_warps=4)
+            OUT_GROUP=out_group, PRE_ROUND=PRE_ROUND_FP8 or _INTERPRET, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------------
