@@ -234,6 +234,10 @@ def _build_vllm_config(spec, model_dir):
     if spec.mode == "full":
         # V1's post-init re-adds the attention ops when the list is empty.
         vllm_config.compilation_config.splitting_ops = []
+    if spec.engine == "v0":
+        # STAND-IN: vLLM's V0 RMSNorm+quant fusion traces its patterns with
+        # CUDA tensors; off on a CPU (unrelated to the attention fusion).
+        vllm_config.compilation_config.pass_config.enable_fusion = False
     for field, value in spec.pass_config:
         setattr(vllm_config.compilation_config.pass_config, field, value)
     vllm_config.parallel_config.rank = spec.tp_rank
@@ -303,8 +307,10 @@ def build_model(vllm_config):
 def executable(spec: ModelSpec) -> bool:
     """Whether the CPU harness can run ``spec`` with the overlay installed:
     attention must be the overlay's Triton backend (vLLM's FlashAttention
-    and stock Triton kernels have no CPU stand-in) on one rank."""
-    return spec.attention_backend == "TRITON_ATTN_VLLM_V1" and spec.tp_size == 1
+    and stock Triton kernels have no CPU stand-in; V1 or its V0 twin) on
+    one rank."""
+    return spec.attention_backend in ("TRITON_ATTN_VLLM_V1", "TRITON_ATTN_VLLM_V0") \
+        and spec.tp_size == 1
 
 
 def compile_model(spec: ModelSpec = ModelSpec(), work_dir=None,
@@ -370,7 +376,7 @@ def _compile(spec, work_dir, dist_init_method, execute):
         load_weights(model, vllm_config)
         if execute:
             from cpu_harness.execute import Runner
-            runner = Runner(model, vllm_config)
+            runner = Runner(model, vllm_config, engine=spec.engine)
             outputs = runner.run()
             return _result(spec, vllm_config, model, captured, post_grad,
                            runner, outputs)

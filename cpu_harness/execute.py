@@ -47,9 +47,9 @@ class StepOutput:
 class Runner:
     """Steps of one model with its own KV cache (see the module doc)."""
 
-    def __init__(self, model, vllm_config, seed=0):
+    def __init__(self, model, vllm_config, seed=0, engine="v1"):
         import torch
-        self.model, self.vllm_config = model, vllm_config
+        self.model, self.vllm_config, self.engine = model, vllm_config, engine
         self.layers = vllm_config.compilation_config.static_forward_context
         self.context = {}                 # sequence -> tokens in the cache
         gen = torch.Generator().manual_seed(seed)
@@ -77,6 +77,11 @@ class Runner:
         return [2 * seq + 1, 2 * seq + 2]
 
     def metadata(self, step):
+        """(input ids, positions, attention metadata) of ``step``."""
+        return self.metadata_v0(step) if self.engine == "v0" \
+            else self.metadata_v1(step)
+
+    def metadata_v1(self, step):
         import torch
         from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
         ids, positions, slots, q_lens, seq_lens = [], [], [], [], []
@@ -104,10 +109,47 @@ class Runner:
             num_input_tokens=int(q_lens.sum()))
         return torch.cat(ids), torch.cat(positions), metadata
 
+    def is_decode(self, entry):
+        seq, n = entry
+        return n == 1 and self.context.get(seq, 0) > 0
+
+    def order(self, step):
+        """V0 batches put prefills first, decodes last; V1 keeps any order."""
+        return tuple(sorted(step, key=self.is_decode)) if self.engine == "v0" \
+            else tuple(step)
+
+    def metadata_v0(self, step):
+        """V0's ``FlashAttentionMetadata`` (what TRITON_ATTN_VLLM_V0 reads)
+        for ``step`` in V0 order."""
+        import torch
+        from vllm.attention.backends.flash_attn import FlashAttentionMetadata
+        input_ids, positions, v1 = self.metadata_v1(step)
+        decodes = [self.is_decode(e) for e in step]
+        seq_lens = v1.seq_lens.tolist()
+        prefill_lens = [n for n, d in zip(seq_lens, decodes) if not d]
+        decode_lens = [n for n, d in zip(seq_lens, decodes) if d]
+        q_lens = v1.query_start_loc.diff()
+        return input_ids, positions, FlashAttentionMetadata(
+            num_prefills=len(prefill_lens),
+            num_prefill_tokens=sum(n for (_, n), d in zip(step, decodes) if not d),
+            num_decode_tokens=len(decode_lens),
+            slot_mapping=v1.slot_mapping, multi_modal_placeholder_index_maps=None,
+            enable_kv_scales_calculation=False, seq_lens=seq_lens,
+            seq_lens_tensor=v1.seq_lens,
+            max_prefill_seq_len=max(prefill_lens, default=0),
+            max_decode_seq_len=max(decode_lens, default=0),
+            context_lens_tensor=v1.seq_lens - q_lens,
+            block_tables=v1.block_table, use_cuda_graph=False,
+            max_query_len=v1.max_query_len, max_decode_query_len=1,
+            query_start_loc=v1.query_start_loc,
+            seq_start_loc=torch.cat([v1.seq_lens.new_zeros(1),
+                                     v1.seq_lens.cumsum(0)]).to(torch.int32))
+
     def step(self, step) -> StepOutput:
         import torch
         from vllm.config import set_current_vllm_config
         from vllm.forward_context import set_forward_context
+        step = self.order(step)
         input_ids, positions, metadata = self.metadata(step)
         capture = self.vllm_config.compilation_config.cudagraph_capture_sizes
         if len(input_ids) in (capture or ()):

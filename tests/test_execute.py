@@ -60,7 +60,8 @@ def _fused_launches(compiled):
 
     kernel.paged_attention = counting
     try:
-        outputs = Runner(compiled.model, compiled.vllm_config).run()
+        outputs = Runner(compiled.model, compiled.vllm_config,
+                         engine=compiled.spec.engine).run()
     finally:
         kernel.paged_attention = real
     for again, first in zip(outputs, compiled.outputs):

@@ -36,6 +36,7 @@ MODULES = (
     "vllm_overlay.sticky_split",
     "vllm_overlay.triton_paged_attention",
     "vllm_overlay.triton_backend",
+    "vllm_overlay.triton_backend_v0",
     "vllm_overlay.process_hook",
 )
 

@@ -185,7 +185,7 @@ def rewrite(graph, m: Match):
         flat = _add(graph, torch.ops.aten.reshape.default, (fp8, result_shape),
                     val=_val(fp8).reshape(_val(m.result).shape))
     m.quant_out.replace_all_uses_with(flat)
-    if view.op == "placeholder":
+    if m.flavour == "unified_attention_with_output" and view.op == "placeholder":
         # The piece writes its input back with copy_(input, ...); make it
         # copy_(input, fp8) so Inductor reinplaces the op into the input.
         for user in list(view.users):
