@@ -11,11 +11,12 @@ Run: ``python3 -m pytest -q tests/gpu`` on the GPU box.
 """
 import torch
 
-from test_triton_paged_attention_gpu import FP8, HAVE_CUDA, make_batch, poison, tpa
+from test_triton_paged_attention_gpu import _SI, FP8, HAVE_CUDA, make_batch, poison, tpa
 
 try:
     import pytest
-    pytestmark = pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU")
+    pytestmark = [pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU"),
+                  pytest.mark.skipif(_SI != 0, reason="other shard")]
 except ImportError:  # script mode
     pytest = None
 
