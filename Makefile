@@ -27,6 +27,11 @@ demo: setup
 triton-bundle:
 	$(PYTHON_SYS) gpu_harness/triton_bundle.py build
 
+# vLLM 0.8.5.post1's Python files + cp$(BOX_PYTHON) wheels for the GPU box: .gpu_bundle/vllm085/
+BOX_PYTHON ?= 3.12
+gpu-bundle: setup
+	$(PYTHON_SYS) gpu_harness/vllm_bundle.py build --python-version $(BOX_PYTHON)
+
 patches: setup
 	$(PY) tools/make_patches.py
 

@@ -62,6 +62,14 @@ def parse_args(argv=None):
                     metavar="P,P", help="default 128,384")
     ap.add_argument("--output-len", type=int, default=64,
                     help="generated tokens per prompt (default 64)")
+    ap.add_argument("--points", default=None, metavar="B:P:O,...",
+                    help="measure exactly these (batch, prompt len, output len) "
+                         "points instead of the cross product, e.g. "
+                         "16:2048:1,64:128:256")
+    ap.add_argument("--llama3-8b-layers", type=int, default=0, metavar="N",
+                    help="also benchmark an N-layer Llama-3-8B-shaped FP8 "
+                         "checkpoint with random weights, built locally "
+                         "(gpu_harness/big_checkpoint.py)")
     ap.add_argument("--iters", type=int, default=3,
                     help="timed runs per point, median reported (default 3)")
     ap.add_argument("--variants", default="off,on",
@@ -77,6 +85,14 @@ def parse_args(argv=None):
                     help="write e2e.md, results.json and engine logs here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.point_list = None
+    if args.points:
+        try:
+            args.point_list = [tuple(int(v) for v in p.split(":"))
+                               for p in args.points.split(",") if p.strip()]
+            assert all(len(p) == 3 for p in args.point_list)
+        except (ValueError, AssertionError):
+            ap.error("--points: B:P:O[,B:P:O...]")
     bad = set(args.variants.split(",")) - {"off", "on", "fa"}
     if bad:
         ap.error(f"unknown variants: {', '.join(sorted(bad))}")
@@ -119,20 +135,28 @@ def _child(cfg, out_path):
               enforce_eager=False, seed=0, tensor_parallel_size=cfg["tp"],
               gpu_memory_utilization=cfg["gpu_mem"],
               max_model_len=cfg["max_model_len"],
+              # repeated identical prompts would otherwise hit V1's prefix
+              # cache: the timed prefills would recompute one block each
+              enable_prefix_caching=False,
               compilation_config=compilation)
     rng = random.Random(0)
-    vocab = cfg["vocab_size"]
+    # prompt ids the tokenizer knows (a checkpoint may have a larger LM head)
+    vocab = min(cfg["vocab_size"], len(llm.get_tokenizer()))
     rows = []
-    for prompt_len in cfg["prompt_lens"]:
-        for batch in cfg["batch_sizes"]:
-            if prompt_len + cfg["output_len"] > cfg["max_model_len"]:
+    points = cfg.get("points") or [(b, p, cfg["output_len"])
+                                   for p in cfg["prompt_lens"]
+                                   for b in cfg["batch_sizes"]]
+    for batch, prompt_len, output_len in points:
+        if True:
+            if prompt_len + output_len > cfg["max_model_len"]:
                 continue
             prompts = [{"prompt_token_ids": [rng.randrange(10, vocab)
                                              for _ in range(prompt_len)]}
                        for _ in range(batch)]
-            gen = SamplingParams(temperature=0.0, max_tokens=cfg["output_len"],
-                                 ignore_eos=True)
-            pre = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+            gen = SamplingParams(temperature=0.0, max_tokens=output_len,
+                                 ignore_eos=True, detokenize=False)
+            pre = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                                 detokenize=False)
 
             def timed(params):
                 times = []
@@ -142,15 +166,19 @@ def _child(cfg, out_path):
                     dt = time.perf_counter() - t0
                     if i:
                         times.append(dt)
-                return statistics.median(times), outs
+                return statistics.median(times), outs, times
 
-            t_gen, outs = timed(gen)
-            t_pre, _ = timed(pre)
+            t_gen, outs, gen_times = timed(gen)
+            t_pre, _, pre_times = (t_gen, None, gen_times) if output_len == 1 \
+                else timed(pre)
             n_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             rows.append({"batch": batch, "prompt_len": prompt_len,
-                         "output_len": cfg["output_len"],
+                         "output_len": output_len,
                          "tokens_per_s": n_tokens / t_gen,
-                         "latency_ms": t_gen * 1e3, "prefill_ms": t_pre * 1e3})
+                         "prompt_tokens_per_s": batch * prompt_len / t_pre,
+                         "latency_ms": t_gen * 1e3, "prefill_ms": t_pre * 1e3,
+                         "latency_ms_all": [round(t * 1e3, 2) for t in gen_times],
+                         "prefill_ms_all": [round(t * 1e3, 2) for t in pre_times]})
             print(f"E2E-POINT {json.dumps(rows[-1])}", flush=True)
     Path(out_path).write_text(json.dumps(rows))
 
@@ -191,6 +219,7 @@ def run_variant(model, variant, args, max_model_len, vocab_size, log_dir):
     cfg = {"model": str(model), "fusion": variant == "on", "engine": args.engine,
            "tp": args.tp, "gpu_mem": args.gpu_mem, "max_model_len": max_model_len,
            "vocab_size": vocab_size, "batch_sizes": args.batch_sizes,
+           "points": args.point_list,
            "prompt_lens": args.prompt_lens, "output_len": args.output_len,
            "iters": args.iters}
     with tempfile.TemporaryDirectory(prefix="vllm_e2e_bench_") as tmp:
@@ -208,6 +237,14 @@ def run_variant(model, variant, args, max_model_len, vocab_size, log_dir):
                   f"(rc {proc.returncode}):\n{proc.stdout[-3000:]}", file=sys.stderr)
             return None, {}
         return json.loads(out.read_text()), fused_per_rank(proc.stdout)
+
+
+def _spread(row, key):
+    """median (min-max of the timed runs)"""
+    runs = row.get(key + "_all")
+    if not runs:
+        return f"{row[key]:.1f}"
+    return f"{row[key]:.1f} ({min(runs):.1f}-{max(runs):.1f})"
 
 
 def markdown(results, variants):
@@ -230,8 +267,8 @@ def markdown(results, variants):
                             (r["batch"], r["prompt_len"], r["output_len"]) == key), None)
                 found[v] = row
                 cells += ["-"] * 3 if row is None else [
-                    f"{row['tokens_per_s']:.0f}", f"{row['latency_ms']:.1f}",
-                    f"{row['prefill_ms']:.1f}"]
+                    f"{row['tokens_per_s']:.0f}", _spread(row, "latency_ms"),
+                    _spread(row, "prefill_ms")]
             if "on" in variants and "off" in variants:
                 on, off = found["on"], found["off"]
                 cells += ["-"] * 2 if not (on and off) else [
@@ -268,6 +305,12 @@ def main(argv=None):
             path = build_checkpoint(Path(ckpt_tmp) / "embedded-tiny-llama-fp8",
                                     num_layers=args.embedded_layers)
             models.append((path, MAX_POSITIONS))
+        if args.llama3_8b_layers:
+            sys.path.insert(0, str(ROOT))
+            from gpu_harness.big_checkpoint import MAX_POSITIONS as big_max, build
+            path = build(Path(ckpt_tmp) / f"llama3-8b-shapes-{args.llama3_8b_layers}l-fp8",
+                         args.llama3_8b_layers)
+            models.append((path, big_max))
         for m in args.model:
             path = Path(m)
             if not (path / "config.json").exists():
@@ -283,7 +326,9 @@ def main(argv=None):
         for path, max_pos in models:
             cfg = json.loads((path / "config.json").read_text())
             cfg = cfg.get("text_config", cfg)
-            need = args.max_model_len or max(args.prompt_lens) + args.output_len
+            need = args.max_model_len or (
+                max(p + o for _, p, o in args.point_list) if args.point_list
+                else max(args.prompt_lens) + args.output_len)
             max_len = min(need, max_pos) if max_pos else need
             per_variant = {}
             for v in variants:

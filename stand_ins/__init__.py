@@ -12,6 +12,15 @@ in the tests.  Pure torch, any device::
     with stand_ins.registered("CPU"):                   # real _C present
         model(...)
     stand_ins.register("CUDA", define=True)             # no _C: define too
+
+With ``define=True`` (the GPU box, through ``gpu_harness/box.py``) also:
+``weak_ref_tensor`` (a non-owning CUDA view), the ``cutlass_scaled_mm_supports_*``
+capability queries, and schema-only entries for ops vLLM reads at import but
+never calls here (``rms_norm`` & co.).  On CUDA tensors two kernels take a
+fast path: ``cutlass_scaled_mm`` with per-tensor scales -> ``torch._scaled_mm``,
+``static_scaled_fp8_quant`` -> the overlay's Triton quant kernel, so the
+unfused path is not penalised by a slow torch quant.  Keep the returned
+libraries alive: a collected ``Library`` unregisters its ops.
 """
 import contextlib
 import re
@@ -38,6 +47,36 @@ SCHEMAS = {
         "(Tensor key, Tensor value, Tensor($0! -> ) key_cache, "
         "Tensor($1! -> ) value_cache, Tensor slot_mapping, str kv_cache_dtype, "
         "Tensor k_scale, Tensor v_scale) -> ()",
+    # Only where there is no _C (``define=True``): vLLM's piecewise CUDA
+    # graphs keep weak references to piece outputs; FP8 linear support query.
+    "_C::weak_ref_tensor": "(Tensor input) -> Tensor",
+    "_C::cutlass_scaled_mm_supports_fp8":
+        "(int cuda_device_capability) -> bool",
+    "_C::cutlass_scaled_mm_supports_block_fp8":
+        "(int cuda_device_capability) -> bool",
+    # Schema only (no kernel): vLLM reads these ops at import
+    # (compilation/fusion.py, fix_functionalization.py,
+    # sequence_parallelism.py); V1 compiles with custom_ops=["none"], so
+    # the models run their torch-native forms and never call them.
+    "_C::rms_norm":
+        "(Tensor($0! -> ) result, Tensor input, Tensor weight, float epsilon) -> ()",
+    "_C::fused_add_rms_norm":
+        "(Tensor($0! -> ) input, Tensor($1! -> ) residual, Tensor weight, "
+        "float epsilon) -> ()",
+    "_C::rms_norm_static_fp8_quant":
+        "(Tensor($0! -> ) result, Tensor input, Tensor weight, Tensor scale, "
+        "float epsilon) -> ()",
+    "_C::fused_add_rms_norm_static_fp8_quant":
+        "(Tensor($0! -> ) result, Tensor input, Tensor($1! -> ) residual, "
+        "Tensor weight, Tensor scale, float epsilon) -> ()",
+    "_C::rms_norm_dynamic_per_token_quant":
+        "(Tensor($0! -> ) result, Tensor input, Tensor weight, "
+        "Tensor($1! -> ) scale, float epsilon, Tensor? scale_ub, "
+        "Tensor($2! -> )? residual) -> ()",
+    "_C::silu_and_mul": "(Tensor($0! -> ) out, Tensor input) -> ()",
+    "_C::rotary_embedding":
+        "(Tensor positions, Tensor($0! -> ) query, Tensor($1! -> ) key, "
+        "int head_size, Tensor cos_sin_cache, bool is_neox) -> ()",
 }
 
 
@@ -52,6 +91,13 @@ def static_scaled_fp8_quant(result, input, scale):
     the dequantization scale."""
     if scale.numel() != 1:
         raise ValueError("static_scaled_fp8_quant takes a per-tensor scale")
+    if (input.is_cuda and result.shape == input.shape and result.dtype == FP8
+            and input.is_contiguous() and result.is_contiguous()):
+        # CUDA fast path: the overlay's Triton quant kernel (same arithmetic,
+        # checked against this torch form in tests/gpu); one launch, like _C.
+        from vllm_overlay.triton_paged_attention import static_fp8_quant
+        static_fp8_quant(result, input, scale.reshape(1).to(torch.float32))
+        return
     inv = torch.reciprocal(scale.reshape(()).to(torch.float32))
     result.copy_(_to_fp8(input.to(torch.float32) * inv))
 
@@ -77,6 +123,15 @@ def cutlass_scaled_mm(out, a, b, a_scales, b_scales, bias):
     """out = a_scale * (b_scale * (a @ b)) (+ bias), fp32 accumulate; a
     [M, K] fp8, b [K, N] fp8 (column major), scales per tensor, per token
     ``[M, 1]`` / per channel ``[1, N]``."""
+    if (a.is_cuda and a_scales.numel() == 1 and b_scales.numel() == 1
+            and a.is_contiguous() and b.t().is_contiguous()):
+        # CUDA fast path: cuBLASLt FP8 GEMM (fp32 accumulate, per-tensor
+        # scales applied to the accumulator), as CUTLASS ScaledEpilogue does.
+        out.copy_(torch._scaled_mm(
+            a, b, scale_a=a_scales.reshape(()).to(torch.float32),
+            scale_b=b_scales.reshape(()).to(torch.float32),
+            bias=bias, out_dtype=out.dtype))
+        return
     acc = a.to(torch.float32) @ b.to(torch.float32)
     acc = a_scales.to(torch.float32).reshape(-1, 1) * (
         b_scales.to(torch.float32).reshape(1, -1) * acc)
@@ -105,12 +160,55 @@ def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
             raise ValueError(f"stand-in: unsupported kv_cache_dtype {kv_cache_dtype}")
 
 
+def weak_ref_tensor(input):
+    """A tensor on ``input``'s memory that does not keep it alive (vLLM's
+    C++ op wraps the data pointer without an owner).  CUDA: through
+    ``__cuda_array_interface__`` (torch then holds only the small interface
+    object); elsewhere: a plain view (a strong reference)."""
+    if not input.is_cuda or input.numel() == 0:
+        return input.view(input.shape)
+    raw_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32,
+                 8: torch.int64}[input.element_size()]
+    raw = input.view(raw_dtype)
+    size = raw.element_size()
+
+    class _Interface:
+        __cuda_array_interface__ = {
+            "shape": tuple(raw.shape),
+            "strides": tuple(st * size for st in raw.stride()),
+            "typestr": {torch.uint8: "|u1", torch.int16: "<i2",
+                        torch.int32: "<i4", torch.int64: "<i8"}[raw_dtype],
+            "data": (raw.data_ptr(), False), "version": 2}
+
+    return torch.as_tensor(_Interface(), device=input.device).view(input.dtype)
+
+
+def cutlass_scaled_mm_supports_fp8(cuda_device_capability):
+    """As vLLM's _C built with CUDA >= 12.0: FP8 from SM 8.9 on."""
+    return cuda_device_capability >= 89
+
+
+def cutlass_scaled_mm_supports_block_fp8(cuda_device_capability):
+    """As vLLM's _C: block-wise FP8 on SM 9.0 only (not used here)."""
+    return cuda_device_capability == 90
+
+
 KERNELS = {
     "_C::static_scaled_fp8_quant": static_scaled_fp8_quant,
     "_C::dynamic_scaled_fp8_quant": dynamic_scaled_fp8_quant,
     "_C::dynamic_per_token_scaled_fp8_quant": dynamic_per_token_scaled_fp8_quant,
     "_C::cutlass_scaled_mm": cutlass_scaled_mm,
     "_C_cache_ops::reshape_and_cache_flash": reshape_and_cache_flash,
+}
+
+# Registered only with ``define=True`` (no _C): where _C exists its own
+# kernels serve these.  No tensor argument: served for every backend.
+DEFINE_KERNELS = {
+    "_C::weak_ref_tensor": weak_ref_tensor,
+}
+ANY_DEVICE_KERNELS = {
+    "_C::cutlass_scaled_mm_supports_fp8": cutlass_scaled_mm_supports_fp8,
+    "_C::cutlass_scaled_mm_supports_block_fp8": cutlass_scaled_mm_supports_block_fp8,
 }
 
 
@@ -136,13 +234,28 @@ def register(dispatch_key, define=False):
     define the schemas (a process without vLLM's ``_C``).  Returns the
     libraries (``_destroy()`` them to unregister)."""
     libs = {}
-    for qualified, kernel in KERNELS.items():
-        ns, name = qualified.split("::")
+
+    def lib(ns):
         if ns not in libs:
             libs[ns] = torch.library.Library(ns, "FRAGMENT" if define else "IMPL")
+        return libs[ns]
+
+    for qualified, kernel in KERNELS.items():
+        ns, name = qualified.split("::")
         if define:
-            libs[ns].define(name + definable(SCHEMAS[qualified]))
-        libs[ns].impl(name, kernel, dispatch_key)
+            lib(ns).define(name + definable(SCHEMAS[qualified]))
+        lib(ns).impl(name, kernel, dispatch_key)
+    if define:
+        for qualified, schema in SCHEMAS.items():
+            if qualified in KERNELS:
+                continue
+            ns, name = qualified.split("::")
+            lib(ns).define(name + definable(schema))     # schema only, or:
+            if qualified in DEFINE_KERNELS:
+                lib(ns).impl(name, DEFINE_KERNELS[qualified], dispatch_key)
+            if qualified in ANY_DEVICE_KERNELS:
+                lib(ns).impl(name, ANY_DEVICE_KERNELS[qualified],
+                             "CompositeExplicitAutograd")
     return list(libs.values())
 
 

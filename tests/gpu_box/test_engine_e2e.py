@@ -8,16 +8,25 @@ and never activates the CPU harness: every engine runs in its own
 subprocess (this file run as a script) with the harness flag removed.
 
 Each engine: ``VLLM_ATTENTION_BACKEND=TRITON_ATTN_VLLM_V1`` (V1),
-``enforce_eager=False``, ``compilation_config={"pass_config":
-{"enable_attn_fusion": on}}``, compile caches off, 8 greedy prompts (short,
-multi-block and one ~150-token prompt; prefill and decode batched together),
-16 new tokens, top-2 logprobs.
+``enforce_eager=False`` with piecewise CUDA graphs for ``CAPTURE_SIZES`` (up
+to 64), ``compilation_config={"pass_config": {"enable_attn_fusion": on}}``,
+compile caches off, ``VLLM_LOGGING_LEVEL=DEBUG`` (vLLM then asserts that a
+replayed piece finds its inputs at the captured addresses), 8 greedy
+prompts of mixed lengths (short, multi-block and one prompt longer than the
+largest capture size), 64 new tokens, top-2 logprobs, generated in
+``BATCHES`` (decode batches 3, 1 and 4: capture sizes 4, 1 and 4 replayed;
+the long prompt's prefill runs uncaptured in between) and then all 8
+together (decode batch 8).  The child counts CUDA graph captures and
+replays itself (``torch.cuda.CUDAGraph.capture_begin`` / ``replay``
+wrapped).
 
 What is asserted:
 - V1, one GPU, in-process engine core: fusion on logs ``Fused quant onto N
   attention nodes`` with N summed over the compiled graphs == number of
-  layers (one sticky attention piece per layer), sticky split active, CUDA
-  graphs captured; fusion off registers no pass (no such line).
+  layers (one sticky attention piece per layer), ``Sticky ops: N attention
+  pieces keep their quant``, CUDA graphs captured (at least one per capture
+  size) and replayed (at least one per generated token); fusion off
+  registers no pass (no such line) and captures and replays too.
 - on vs off (FP8 tolerance, stated): greedy tokens equal; a divergence is
   accepted only at a near tie (the two tokens' logprobs within
   ``TIE_NATS`` in the off run), and the chosen tokens' logprobs agree within
@@ -28,7 +37,8 @@ What is asserted:
 - V1 with ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (engine core spawned): the
   line "vllm_overlay active in engine-core process" appears and the fusion
   count is the number of layers (the model is compiled only in that process).
-- V0 (``VLLM_USE_V1=0``, default CUDA backend, compilation level 3): no V0
+- V0 (``VLLM_USE_V1=0``, default CUDA backend, compilation level 3; needs
+  vLLM's compiled FlashAttention, skipped without it): no V0
   CUDA backend can fuse: every fusion line says 0 and the output is
   identical (tokens equal, logprobs within 1e-4).
 - TP=2 when ``torch.cuda.device_count() >= 2``: each rank fuses all its layers;
@@ -44,7 +54,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_LAYERS = 2
-MAX_TOKENS = 16
+MAX_TOKENS = 64
+CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
 LOGPROB_ATOL = 0.05   # nats, chosen-token logprob, fusion on vs off
 TIE_NATS = 0.05       # a greedy divergence is accepted only at such a tie
 REF_MARGIN = 0.5      # nats, top-2 margin of the CPU reference
@@ -60,6 +71,11 @@ PROMPTS = [
     "1 2 3 4 5 6 7 8",
     ("Tell me a story about a robot who learns to paint. " * 6).strip(),
 ]
+# llm.generate calls, by prompt index: decode batches 3, 1, 4 (the long
+# prompt alone, its prefill longer than the largest capture size), then all
+# 8 prompts in one call.
+BATCHES = [[0, 1, 2], [7], [3, 4, 5, 6]]
+GRAPHS_RE = re.compile(r"E2E-GRAPHS captures=(\d+) replays=(\d+)")
 FUSED_RE = re.compile(r"Fused quant onto (\d+) attention nodes")
 WORKER_RE = re.compile(r"\(VllmWorker rank=(\d+)")
 ENGINE_CORE_LINE = "vllm_overlay active in engine-core process"
@@ -109,9 +125,18 @@ def fused_counts(log):
     return counts
 
 
+def graph_counts(log):
+    """(captures, replays) the child counted, or None."""
+    m = GRAPHS_RE.search(log)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def compare_greedy(on, off):
     """Raise AssertionError unless ``on`` matches ``off`` within the stated
-    FP8 tolerance (module docstring).  Returns #prompts bit-equal in tokens."""
+    FP8 tolerance (module docstring), both the batched and the all-together
+    outputs.  Returns #outputs bit-equal in tokens."""
+    if isinstance(on, dict):
+        return sum(compare_greedy(on[k], off[k]) for k in ("batched", "together"))
     equal = 0
     for i, (a, b) in enumerate(zip(on, off)):
         assert a["prompt_ids"] == b["prompt_ids"]
@@ -133,13 +158,34 @@ def compare_greedy(on, off):
 
 # -------------------------------------------------------------- engine child
 
+def _count_graphs():
+    """Wrap torch.cuda.CUDAGraph's capture and replay; returns the counter."""
+    import torch
+    counts = {"captures": 0, "replays": 0}
+    graph_cls = torch.cuda.CUDAGraph
+    capture_begin, replay = graph_cls.capture_begin, graph_cls.replay
+
+    def counted_capture_begin(self, *args, **kwargs):
+        counts["captures"] += 1
+        return capture_begin(self, *args, **kwargs)
+
+    def counted_replay(self, *args, **kwargs):
+        counts["replays"] += 1
+        return replay(self, *args, **kwargs)
+    graph_cls.capture_begin = counted_capture_begin
+    graph_cls.replay = counted_replay
+    return counts
+
+
 def _child(cfg, out_path):
     """Run one engine (this process) and write its outputs as JSON."""
     import vllm_overlay
     from vllm import LLM, SamplingParams
     mode = vllm_overlay.install()
     print(f"E2E-CHILD overlay mode={mode} pid={os.getpid()}", flush=True)
-    compilation = {"pass_config": {"enable_attn_fusion": cfg["fusion"]}}
+    graphs = _count_graphs()
+    compilation = {"pass_config": {"enable_attn_fusion": cfg["fusion"]},
+                   "cudagraph_capture_sizes": CAPTURE_SIZES}
     if cfg["engine"] == "v0":
         compilation["level"] = 3   # V0 compiles only when asked (full graph)
     llm = LLM(model=cfg["model"], tokenizer=cfg["model"], dtype="bfloat16",
@@ -148,17 +194,28 @@ def _child(cfg, out_path):
               tensor_parallel_size=cfg["tp"], compilation_config=compilation)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=2,
                             ignore_eos=True)
-    outs = llm.generate(PROMPTS, params)
-    result = []
-    for o in outs:
-        c = o.outputs[0]
-        result.append({
-            "prompt_ids": list(o.prompt_token_ids),
-            "tokens": list(c.token_ids),
-            "logprobs": [{str(t): lp.logprob for t, lp in d.items()}
-                         for d in c.logprobs],
-        })
-    Path(out_path).write_text(json.dumps(result))
+    def run(indices):
+        outs = llm.generate([PROMPTS[i] for i in indices], params)
+        result = []
+        for o in outs:
+            c = o.outputs[0]
+            result.append({
+                "prompt_ids": list(o.prompt_token_ids),
+                "tokens": list(c.token_ids),
+                "logprobs": [{str(t): lp.logprob for t, lp in d.items()}
+                             for d in c.logprobs],
+            })
+        return result
+
+    batched = [None] * len(PROMPTS)
+    for indices in BATCHES:
+        for i, r in zip(indices, run(indices)):
+            batched[i] = r
+    together = run(range(len(PROMPTS)))
+    print(f"E2E-GRAPHS captures={graphs['captures']} replays={graphs['replays']}",
+          flush=True)
+    Path(out_path).write_text(json.dumps({"batched": batched,
+                                          "together": together}))
 
 
 def _engine_env(engine, multiproc):
@@ -173,7 +230,7 @@ def _engine_env(engine, multiproc):
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
         "VLLM_DISABLE_COMPILE_CACHE": "1",
         "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
-        "VLLM_LOGGING_LEVEL": "INFO",
+        "VLLM_LOGGING_LEVEL": "DEBUG",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(
             [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
@@ -186,7 +243,8 @@ def _engine_env(engine, multiproc):
 
 def run_engine(model_dir, fusion, engine="v1", multiproc=False, tp=1,
                timeout=900):
-    """One engine in a fresh process: (outputs, combined log)."""
+    """One engine in a fresh process: (outputs, combined log); outputs
+    {"batched": per prompt from BATCHES, "together": one call}."""
     cfg = {"model": str(model_dir), "fusion": fusion, "engine": engine,
            "tp": tp}
     with tempfile.TemporaryDirectory(prefix="vllm_e2e_") as tmp:
@@ -263,10 +321,14 @@ if __name__ != "__main__":
         assert f"Sticky ops: {NUM_LAYERS} attention pieces keep their quant" in log_on
         assert "Graph capturing finished" in log_on      # piecewise CUDA graphs
         assert "Graph capturing finished" in log_off
+        for log in (log_on, log_off):                    # counted, not logged
+            captures, replays = graph_counts(log)
+            assert captures >= len(CAPTURE_SIZES), (captures, replays)
+            assert replays >= MAX_TOKENS, (captures, replays)
         assert fused_counts(log_off) == {}               # pass not registered
         compare_greedy(on, off)
         checked = 0
-        for run in (on, off):
+        for run in (on["batched"], off["batched"], on["together"], off["together"]):
             for out, (ids, argmax, margin) in zip(run, reference_first_tokens):
                 assert out["prompt_ids"] == ids
                 if margin > REF_MARGIN:
@@ -282,12 +344,21 @@ if __name__ != "__main__":
         compare_greedy(on, engine(False)[0])
 
     def test_v0_cannot_fuse_and_output_is_identical(engine):
+        import importlib.util
+        try:
+            fa = importlib.util.find_spec("vllm.vllm_flash_attn._vllm_fa2_C")
+        except ImportError:
+            fa = None
+        if fa is None:
+            pytest.skip("V0's default CUDA backend needs vLLM's compiled "
+                        "FlashAttention (absent)")
         on, log_on = engine(True, "v0")
         off, log_off = engine(False, "v0")
         counts = fused_counts(log_on)
         assert counts and all(n == 0 for ns in counts.values() for n in ns), counts
         assert fused_counts(log_off) == {}
-        for a, b in zip(on, off):
+        for a, b in zip(on["batched"] + on["together"],
+                        off["batched"] + off["together"]):
             assert a["tokens"] == b["tokens"]
             for la, lb in zip(a["logprobs"], b["logprobs"]):
                 for t, v in lb.items():
