@@ -308,7 +308,8 @@ def executable(spec: ModelSpec) -> bool:
     """Whether the CPU harness can run ``spec`` with the overlay installed:
     attention must be the overlay's Triton backend (vLLM's FlashAttention
     and stock Triton kernels have no CPU stand-in; V1 or its V0 twin) on
-    one rank."""
+    one rank (TP=2 over gloo ran, but its logits did not match the
+    single-rank model and it is not understood yet: compiled only)."""
     return spec.attention_backend in ("TRITON_ATTN_VLLM_V1", "TRITON_ATTN_VLLM_V0") \
         and spec.tp_size == 1
 
