@@ -122,7 +122,10 @@ def dynamic_per_token_scaled_fp8_quant(result, input, scale, scale_ub):
 def cutlass_scaled_mm(out, a, b, a_scales, b_scales, bias):
     """out = a_scale * (b_scale * (a @ b)) (+ bias), fp32 accumulate; a
     [M, K] fp8, b [K, N] fp8 (column major), scales per tensor, per token
-    ``[M, 1]`` / per channel ``[1, N]``."""
+    ``[M, 1]`` / per channel ``[1, N]``, or block-wise (``_block_scaled``)."""
+    if _block_scaled(a, b, a_scales, b_scales):
+        out.copy_(_block_scaled_mm(a, b, a_scales, b_scales, bias, out.dtype))
+        return
     if (a.is_cuda and a_scales.numel() == 1 and b_scales.numel() == 1
             and a.is_contiguous() and b.t().is_contiguous()):
         # CUDA fast path: cuBLASLt FP8 GEMM (fp32 accumulate, per-tensor
@@ -138,6 +141,81 @@ def cutlass_scaled_mm(out, a, b, a_scales, b_scales, bias):
     if bias is not None:
         acc = acc + bias.to(torch.float32)
     out.copy_(acc.to(out.dtype))
+
+
+BLOCK = 128    # vLLM 0.8.5's CUTLASS block-wise FP8: 1x128 (a) and 128x128 (b)
+
+
+def _block_scaled(a, b, a_scales, b_scales):
+    """CUTLASS's block-wise case: a_scales [M, K/128], b_scales [K/128, N/128]
+    (not a per-channel ``[1, N]``)."""
+    k, n = b.shape
+    kb, nb = -(-k // BLOCK), -(-n // BLOCK)
+    return (a_scales.dim() == 2 and b_scales.dim() == 2
+            and tuple(a_scales.shape) == (a.shape[0], kb)
+            and tuple(b_scales.shape) == (kb, nb) and b_scales.numel() > 1
+            and tuple(b_scales.shape) != (1, n))
+
+
+def _block_scaled_mm(a, b, a_scales, b_scales, bias, out_dtype):
+    """CUTLASS block-scaled GEMM: per 128-wide K block, the fp32 partial
+    product scaled by a_scales[m, kb] * b_scales[kb, n // 128], summed in K
+    order (fp32)."""
+    k, n = b.shape
+    acc = torch.zeros(a.shape[0], n, dtype=torch.float32, device=a.device)
+    sb_cols = b_scales.to(torch.float32).repeat_interleave(BLOCK, dim=1)[:, :n]
+    for kb in range(b_scales.shape[0]):
+        lo, hi = kb * BLOCK, min(k, (kb + 1) * BLOCK)
+        part = a[:, lo:hi].to(torch.float32) @ b[lo:hi].to(torch.float32)
+        acc = acc + part * a_scales[:, kb:kb + 1].to(torch.float32) * sb_cols[kb]
+    if bias is not None:
+        acc = acc + bias.to(torch.float32)
+    return acc.to(out_dtype)
+
+
+def per_token_group_quant_fp8(x, group_size, eps=1e-10, dtype=None,
+                              column_major_scales=False):
+    """vLLM 0.8.5 ``fp8_utils.per_token_group_quant_fp8`` (a Triton kernel,
+    no ``_C`` op) in torch, same signature and result layout: the harness
+    runs it on CPU tensors instead of the kernel, whose interpreter run
+    converts fp32 -> fp8 wrongly (DESIGN.md section 4)."""
+    from vllm_overlay.triton_paged_attention import group_fp8_quant_reference
+    assert eps == 1e-10 and dtype in (None, FP8)
+    return group_fp8_quant_reference(x, group_size, column_major=column_major_scales)
+
+
+@contextlib.contextmanager
+def _python_stand_ins(dispatch_key):
+    """vLLM Python ops the block-FP8 linear reaches, for non-CUDA tensors:
+    ``per_token_group_quant_fp8`` (torch form above), and
+    ``vllm::apply_w8a8_block_fp8_linear`` (registered by vLLM for "CUDA"
+    only) served for ``dispatch_key`` by vLLM's own Python implementation."""
+    import sys
+    fp8_utils = sys.modules.get(
+        "vllm.model_executor.layers.quantization.utils.fp8_utils")
+    if fp8_utils is None:
+        yield
+        return
+    stock = fp8_utils.per_token_group_quant_fp8
+
+    def group_quant(x, group_size, *args, **kwargs):
+        if x.is_cuda:
+            return stock(x, group_size, *args, **kwargs)
+        return per_token_group_quant_fp8(x, group_size, *args, **kwargs)
+
+    lib = None
+    if dispatch_key != "CUDA" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "vllm::apply_w8a8_block_fp8_linear", dispatch_key):
+        lib = torch.library.Library("vllm", "IMPL")
+        lib.impl("apply_w8a8_block_fp8_linear",
+                 fp8_utils.apply_w8a8_block_fp8_linear, dispatch_key)
+    fp8_utils.per_token_group_quant_fp8 = group_quant
+    try:
+        yield
+    finally:
+        fp8_utils.per_token_group_quant_fp8 = stock
+        if lib is not None:
+            lib._destroy()
 
 
 def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
@@ -265,7 +343,8 @@ def registered(dispatch_key):
     schemas must be loaded)."""
     libs = register(dispatch_key)
     try:
-        yield
+        with _python_stand_ins(dispatch_key):
+            yield
     finally:
         for lib in libs:
             lib._destroy()

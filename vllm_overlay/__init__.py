@@ -32,6 +32,7 @@ MODULES = (
     "vllm_overlay.compile_cache",
     "vllm_overlay.attention_quant",
     "vllm_overlay.attention_ops",
+    "vllm_overlay.block_fp8_quant",
     "vllm_overlay.attn_fusion",
     "vllm_overlay.sticky_split",
     "vllm_overlay.triton_paged_attention",

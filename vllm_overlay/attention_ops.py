@@ -12,7 +12,13 @@ of each op instead, under the same names::
         -> .output_scale: out = fp8(clamp(attention / scale, -448, 448))
 
 so it works whatever the import order (overlay before or after vLLM) and is
-the same in overlay and patched mode.  A backend that cannot write quantized
+the same in overlay and patched mode.  A second overload of
+``unified_attention_with_output`` writes dynamic per-token-group FP8 (group =
+head size, block-FP8 checkpoints) and its scales::
+
+    torch.ops.vllm.unified_attention_with_output.output_group_scale(
+        q, k, v, out, layer_name, output_group_scale=scales)
+        -> out = fp8 per (token, head), scales[t, h] = max(amax, 1e-10) / 448  A backend that cannot write quantized
 output raises ``UnsupportedOutputQuant`` when handed a scale.
 """
 from typing import Optional
@@ -25,6 +31,7 @@ VLLM_TARGET = "vllm/attention/output_scale_ops.py"
 VLLM_HOOKS = ("vllm/attention/layer.py", )
 
 OVERLOAD = "output_scale"
+GROUP_OVERLOAD = "output_group_scale"
 _lib = None
 
 
@@ -35,15 +42,17 @@ def _layer_and_cache(layer_name):
     return context, layer, layer.kv_cache[context.virtual_engine]
 
 
-def _forward_quantized(query, key, value, output, layer_name, output_scale):
+def _forward_quantized(query, key, value, output, layer_name, output_scale,
+                       group_scales=None):
     from vllm.attention import layer as attn_layer
     attn_layer.wait_for_kv_layer_from_connector(layer_name)
     context, layer, kv_cache = _layer_and_cache(layer_name)
-    attention_quant.check_output_scale(layer, output, output_scale)
+    attention_quant.check_output_scale(layer, output, output_scale, group_scales)
+    quant = {"output_scale": output_scale} if group_scales is None \
+        else {"output_group_scale": group_scales}
     layer.output_scale = output_scale
     layer.impl.forward(layer, query, key, value, kv_cache,
-                       context.attn_metadata, output=output,
-                       output_scale=output_scale)
+                       context.attn_metadata, output=output, **quant)
     attn_layer.maybe_save_kv_layer_to_connector(layer_name, kv_cache)
 
 
@@ -69,6 +78,29 @@ def unified_attention_with_output_fake(
     output: torch.Tensor,
     layer_name: str,
     output_scale: Optional[torch.Tensor] = None,
+) -> None:
+    return
+
+
+def unified_attention_with_output_group(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    output: torch.Tensor,
+    layer_name: str,
+    output_group_scale: torch.Tensor,
+) -> None:
+    _forward_quantized(query, key, value, output, layer_name, None,
+                       output_group_scale)
+
+
+def unified_attention_with_output_group_fake(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    output: torch.Tensor,
+    layer_name: str,
+    output_group_scale: torch.Tensor,
 ) -> None:
     return
 
@@ -100,11 +132,11 @@ def unified_attention_fake(
     return torch.empty(query.shape, dtype=dtype, device=query.device)
 
 
-def _define(lib, name, fn, fake, mutates_args, dispatch_key):
+def _define(lib, name, fn, fake, mutates_args, dispatch_key, overload=OVERLOAD):
     schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
-    lib.define(f"{name}.{OVERLOAD}{schema}")
-    lib.impl(f"{name}.{OVERLOAD}", fn, dispatch_key=dispatch_key)
-    lib._register_fake(f"{name}.{OVERLOAD}", fake)
+    lib.define(f"{name}.{overload}{schema}")
+    lib.impl(f"{name}.{overload}", fn, dispatch_key=dispatch_key)
+    lib._register_fake(f"{name}.{overload}", fake)
 
 
 def installed():
@@ -123,8 +155,14 @@ def install():
             unified_attention_with_output_fake, ["output"], key)
     _define(_lib, "unified_attention", unified_attention,
             unified_attention_fake, [], key)
+    _define(_lib, "unified_attention_with_output",
+            unified_attention_with_output_group,
+            unified_attention_with_output_group_fake,
+            ["output", "output_group_scale"], key, GROUP_OVERLOAD)
 
 
-def fused_op(flavour):
-    """The ``output_scale`` overload of 'unified_attention[_with_output]'."""
-    return getattr(getattr(torch.ops.vllm, flavour), OVERLOAD)
+def fused_op(flavour, group=False):
+    """The ``output_scale`` overload of 'unified_attention[_with_output]'
+    (``group``: the ``output_group_scale`` overload of the latter)."""
+    return getattr(getattr(torch.ops.vllm, flavour),
+                   GROUP_OVERLOAD if group else OVERLOAD)

@@ -10,8 +10,9 @@ After ``install()``:
 - with ``enable_attn_fusion``, vLLM's default loader refuses a checkpoint
   whose static activation scales are not finite and positive.
 
-``QuantKey`` names a quantization scheme; only static per-tensor FP8 is
-fused today, per-token(-group) and dynamic schemes slot in as new keys.
+``QuantKey`` names a quantization scheme; static per-tensor FP8 and dynamic
+per-token-group FP8 with group = head size (block-FP8 checkpoints,
+``fp8_group_key``) are fused; per-token schemes slot in as new keys.
 """
 import dataclasses
 import logging
@@ -41,6 +42,19 @@ FP8_STATIC_TENSOR = QuantKey(torch.float8_e4m3fn, static=True)
 FP8_DYNAMIC_TOKEN = QuantKey(torch.float8_e4m3fn, static=False, group="token")
 
 
+def fp8_group_key(group_size: int) -> QuantKey:
+    """Dynamic per-token-group FP8 (vLLM's ``per_token_group_quant_fp8``):
+    one fp32 scale per token and ``group_size`` channels."""
+    return QuantKey(torch.float8_e4m3fn, static=False, group=f"group:{group_size}")
+
+
+def fusable_keys(layer):
+    """The output quants ``layer``'s backend can write (static per-tensor FP8,
+    per-token-group FP8 with group = head size)."""
+    keys = (FP8_STATIC_TENSOR, fp8_group_key(layer.head_size))
+    return [k for k in keys if layer.can_fuse_output_quant(k)]
+
+
 class UnsupportedOutputQuant(ValueError):
     pass
 
@@ -54,11 +68,13 @@ def can_fuse_output_quant(self, quant_key: QuantKey) -> bool:
     return bool(self.impl.fused_output_quant_supported(quant_key))
 
 
-def check_output_scale(layer, output, output_scale):
+def check_output_scale(layer, output, output_scale, group_scales=None):
     """Raise a clear error unless ``layer``'s backend can write ``output``
     quantized with ``output_scale``."""
-    key = QuantKey(output.dtype, static=True)
-    if not layer.can_fuse_output_quant(key):
+    key = QuantKey(output.dtype, static=True) if group_scales is None \
+        else fp8_group_key(layer.head_size)
+    if output.dtype != torch.float8_e4m3fn or \
+            not layer.can_fuse_output_quant(key):
         raise UnsupportedOutputQuant(
             f"{type(layer.impl).__name__} (layer {layer.layer_name}) cannot "
             f"write quantized attention output ({key}); output_scale must be "

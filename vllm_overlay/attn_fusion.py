@@ -52,6 +52,24 @@ DYNAMIC_QUANTS = lambda: (torch.ops._C.dynamic_scaled_fp8_quant.default,  # noqa
                           torch.ops._C.dynamic_per_token_scaled_fp8_quant.default)
 
 
+def GROUP_QUANT():
+    """vllm::block_fp8_group_quant (block_fp8_quant), None if not installed."""
+    packet = getattr(torch.ops.vllm, "block_fp8_group_quant", None)
+    return None if packet is None else packet.default
+
+
+_FRESH = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+          torch.ops.aten.empty_like.default)
+
+
+def _fresh_or_input(node):
+    """A fresh buffer or a graph input, or a view of one (``empty_like``
+    decomposes to ``permute(empty)``)."""
+    while node.target in VIEW_OPS + (torch.ops.aten.permute.default, ):
+        node = node.args[0]
+    return node.op == "placeholder" or node.target in _FRESH
+
+
 def _wrapped(node):
     """The op an auto_functionalized node wraps (else None)."""
     if node.op == "call_function" and node.target is auto_functionalized:
@@ -78,13 +96,19 @@ def _getitem_user(node, index):
 class Match:
     """attention -> views -> quant, found in a post-grad graph."""
 
-    def __init__(self, attn, flavour, out, views, quant, write_back):
+    def __init__(self, attn, flavour, out, views, quant, write_back,
+                 group=False):
         self.attn, self.flavour, self.out = attn, flavour, out
         self.write_back = write_back
         self.views, self.quant = views, quant
         self.result = quant.kwargs["result"]
         self.scale = quant.kwargs["scale"]
         self.quant_out = _getitem_user(quant, 1)
+        # Dynamic per-token-group quant: the scales are an output too.
+        self.group = group
+        self.scale_out = _getitem_user(quant, 2) if group else None
+        self.key = attention_quant.fp8_group_key(quant.kwargs["group_size"]) \
+            if group else attention_quant.FP8_STATIC_TENSOR
 
 
 def find_match(attn):
@@ -118,6 +142,17 @@ def find_match(attn):
             if not fresh and flavour == "unified_attention":
                 return "quant result is a graph input; unified_attention " \
                     "allocates its own output"
+            if _val(match.result).dtype != torch.float8_e4m3fn:
+                return "quant result is not float8_e4m3fn"
+            return match
+        group = GROUP_QUANT() is not None and _wrapped(user) is GROUP_QUANT()
+        if group and user.kwargs["input"] is cur:
+            if flavour != "unified_attention_with_output":
+                return "group quant after unified_attention (no output buffer)"
+            match = Match(attn, flavour, out, views, user, write_back, group=True)
+            for buf in (match.result, match.scale):
+                if not _fresh_or_input(buf):
+                    return "group quant buffers are neither fresh nor graph inputs"
             if _val(match.result).dtype != torch.float8_e4m3fn:
                 return "quant result is not float8_e4m3fn"
             return match
@@ -161,7 +196,7 @@ def _add(graph, target, args, kwargs=None, val=None):
 def rewrite(graph, m: Match):
     """Replace ``m`` by one attention op writing FP8 (see module doc)."""
     result_shape = list(_val(m.result).shape)
-    fused = attention_ops.fused_op(m.flavour)
+    fused = attention_ops.fused_op(m.flavour, group=m.group)
     # At the quant's place: the attention inputs and the FP8 result buffer
     # (fresh, or the piece's input) are all defined by then.
     with graph.inserting_before(m.quant):
@@ -173,9 +208,16 @@ def rewrite(graph, m: Match):
                 view = _add(graph, torch.ops.aten.reshape.default,
                             (m.result, out_shape),
                             val=_val(m.result).reshape(out_shape))
-            kwargs = dict(m.attn.kwargs, output=view, output_scale=m.scale)
-            new_attn = _add(graph, auto_functionalized, (fused, ), kwargs,
-                            (None, torch.empty_like(_val(view))))
+            if m.group:
+                # [T, H] fp32 scales, written by the kernel: (None, fp8, scales)
+                kwargs = dict(m.attn.kwargs, output=view,
+                              output_group_scale=m.scale)
+                vals = (None, torch.empty_like(_val(view)),
+                        torch.empty_like(_val(m.scale)))
+            else:
+                kwargs = dict(m.attn.kwargs, output=view, output_scale=m.scale)
+                vals = (None, torch.empty_like(_val(view)))
+            new_attn = _add(graph, auto_functionalized, (fused, ), kwargs, vals)
             fp8 = _add(graph, operator.getitem, (new_attn, 1),
                        val=new_attn.meta["val"][1])
         else:
@@ -185,6 +227,13 @@ def rewrite(graph, m: Match):
         flat = _add(graph, torch.ops.aten.reshape.default, (fp8, result_shape),
                     val=_val(fp8).reshape(_val(m.result).shape))
     m.quant_out.replace_all_uses_with(flat)
+    if m.group and m.scale_out is not None:
+        # Readers of the quant's scales (the GEMM, or the piece's write-back
+        # into its scale input) now read the kernel's.
+        with graph.inserting_after(new_attn):
+            scales = _add(graph, operator.getitem, (new_attn, 2),
+                          val=new_attn.meta["val"][2])
+        m.scale_out.replace_all_uses_with(scales)
     if m.flavour == "unified_attention_with_output" and view.op == "placeholder":
         # The piece writes its input back with copy_(input, ...); make it
         # copy_(input, fp8) so Inductor reinplaces the op into the input.
@@ -192,7 +241,9 @@ def rewrite(graph, m: Match):
             if user.target is torch.ops.aten.copy_.default and user.args[0] is view:
                 user.args = (view, fp8)
     leftovers = (m.result, m.attn.kwargs.get("output"))
-    dead = [*m.write_back, m.quant_out, m.quant, *reversed(m.views)]
+    # (the scale buffer stays: the fused op writes it)
+    dead = [*m.write_back, m.quant_out, *([m.scale_out] if m.scale_out is not None
+                                          else []), m.quant, *reversed(m.views)]
     if m.out is not m.attn:
         dead.append(m.out)
     dead.append(m.attn)
@@ -222,11 +273,15 @@ class AttnFusionPass(_pass_base()):
         self.fused = set()       # layer names fused, over every graph
         self.skipped = {}        # layer name -> why not
 
-    def can_fuse(self, layer_name):
+    def fusable_keys(self, layer_name):
+        """The output quants the layer's backend can write ([] if none)."""
         layer = self.layers.get(layer_name)
         if layer is None or not hasattr(layer, "can_fuse_output_quant"):
-            return False
-        return layer.can_fuse_output_quant(attention_quant.FP8_STATIC_TENSOR)
+            return []
+        return attention_quant.fusable_keys(layer)
+
+    def can_fuse(self, layer_name):
+        return bool(self.fusable_keys(layer_name))
 
     def __call__(self, graph: torch.fx.Graph):
         self.begin()
@@ -234,12 +289,16 @@ class AttnFusionPass(_pass_base()):
         count = 0
         for attn in [n for n in graph.nodes if attention_flavour(n)]:
             name = _layer_name(attn)
-            if not self.can_fuse(name):
-                self.skipped[name] = "backend cannot write static FP8 output"
+            keys = self.fusable_keys(name)
+            if not keys:
+                self.skipped[name] = "backend cannot write FP8 output"
                 continue
             match = find_match(attn)
             if isinstance(match, str):
                 self.skipped[name] = match
+                continue
+            if match.key not in keys:
+                self.skipped[name] = f"backend cannot write {match.key} output"
                 continue
             rewrite(graph, match)
             self.fused.add(name)

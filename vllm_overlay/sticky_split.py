@@ -32,13 +32,15 @@ import torch
 import torch.fx as fx
 
 import vllm_overlay.attention_quant as attention_quant
+import vllm_overlay.block_fp8_quant as block_fp8_quant
 
 VLLM_TARGET = "vllm/compilation/sticky_split.py"
 VLLM_HOOKS = ("vllm/compilation/backends.py", )
 
 logger = logging.getLogger("vllm.overlay")
 
-STICKY_OPS = ("_C.static_scaled_fp8_quant", )
+STICKY_OPS = ("_C.static_scaled_fp8_quant",
+              "vllm." + block_fp8_quant.GROUP_QUANT)
 # Nodes computed after attention that may follow a sticky op into its piece.
 _VIEW_METHODS = ("view", "reshape")
 _ALLOWED_METHODS = _VIEW_METHODS + ("size", )
@@ -127,8 +129,7 @@ def find_sticky(graph: fx.GraphModule, splitting_ops, vllm_config,
         if attn.op != "call_function" or _name(attn) not in splitting_ops:
             continue
         layer = layers.get(_layer_name(attn))
-        if layer is None or not layer.can_fuse_output_quant(
-                attention_quant.FP8_STATIC_TENSOR):
+        if layer is None or not attention_quant.fusable_keys(layer):
             skipped.append(f"{_layer_name(attn)} (backend cannot fuse)")
             continue
         nodes = sticky_nodes(attn, is_sticky)
@@ -174,6 +175,9 @@ def split_graph(graph: fx.GraphModule, ops):
     """vLLM's ``split_graph`` with sticky nodes placed in their attention
     node's piece (their FP8 result allocated before it); exactly vLLM's
     split when there is nothing sticky."""
+    # Block-FP8 o_proj: its group quant becomes a separate (sticky) op, its
+    # buffers allocated before the attention (any mode, also full graph).
+    block_fp8_quant.decompose(graph, _active_config)
     sticky = find_sticky(graph, ops, _active_config)
     if not sticky:
         return _stock_split_graph(graph, ops)

@@ -7,7 +7,9 @@ the shape the backend allocates) and runs
 ``triton_paged_attention.paged_attention`` on it (a prefill's own tokens read
 densely from ``key``/``value``, its context from the cache), with bf16/fp16 output
 (stock meaning) or, given ``output_scale``, static per-tensor FP8 output.
-It reports fused support for static per-tensor FP8 only.  With this backend
+It reports fused support for static per-tensor FP8 and for dynamic
+per-token-group FP8 with group = head size (``output_group_scale``: one
+fp32 scale per token and head, block-FP8 checkpoints).  With this backend
 selected, ``--kv-cache-dtype fp8`` (e4m3) keeps the V1 engine (vLLM 0.8.5
 would fall back to V0, where nothing fuses).
 
@@ -43,15 +45,17 @@ def _impl_class():
                             "kernel (no fused output quant)")
 
         def fused_output_quant_supported(self, quant_key) -> bool:
-            return self.use_overlay_kernel \
-                and quant_key == attention_quant.FP8_STATIC_TENSOR
+            return self.use_overlay_kernel and quant_key in (
+                attention_quant.FP8_STATIC_TENSOR,
+                attention_quant.fp8_group_key(self.head_size))
 
         def forward(self, layer, query, key, value, kv_cache, attn_metadata,
-                    output=None, output_scale=None):
+                    output=None, output_scale=None, output_group_scale=None):
             """query [T, Hq, D], key/value [T, Hkv, D], kv_cache [2,
-            num_blocks, block_size, Hkv, D]; writes output [T, Hq, D]."""
+            num_blocks, block_size, Hkv, D]; writes output [T, Hq, D] (and
+            with ``output_group_scale`` [T, Hq] its per-head FP8 scales)."""
             if not self.use_overlay_kernel:
-                if output_scale is not None:
+                if output_scale is not None or output_group_scale is not None:
                     raise attention_quant.UnsupportedOutputQuant(
                         "ALiBi/iRoPE Triton layers cannot fuse output quant")
                 return super().forward(layer, query, key, value, kv_cache,
@@ -76,7 +80,8 @@ def _impl_class():
                 attn_metadata.max_seq_len, self.scale,
                 sliding_window=None if window < 0 else window + 1,
                 k_scale=layer._k_scale, v_scale=layer._v_scale,
-                output_scale=output_scale, key=key, value=value)
+                output_scale=output_scale, key=key, value=value,
+                output_group_scale=output_group_scale)
             return output
 
     return TritonFusedAttentionImpl
