@@ -29,10 +29,8 @@ import types
 
 import torch
 
-import vllm_overlay.triton_backend as triton_backend
-
 VLLM_TARGET = "vllm/attention/backends/triton_fused_v0.py"
-VLLM_HOOKS = ("vllm/platforms/cuda.py", )
+VLLM_HOOKS = ("vllm/attention/selector.py", )
 
 NAME = "TRITON_ATTN_VLLM_V0"
 
@@ -54,6 +52,8 @@ def kernel_metadata(m):
 
 
 def _classes():
+    # imported here: a patched vLLM runs install() while vllm.attention loads
+    import vllm_overlay.triton_backend as triton_backend
     from vllm.attention.backends.flash_attn import FlashAttentionBackend
     triton_backend.install()
     v1_impl = triton_backend.TritonFusedAttentionImpl
@@ -102,6 +102,9 @@ TritonFusedV0Backend = TritonFusedV0AttentionImpl = None
 def install():
     global TritonFusedV0Backend, TritonFusedV0AttentionImpl
     import vllm.envs as envs
+    from vllm.platforms import current_platform
+    if not current_platform.is_cuda():
+        return
     from vllm.platforms.cuda import CudaPlatformBase
     stock = CudaPlatformBase.get_attn_backend_cls.__func__
     if getattr(stock, "_vllm_overlay", False):
