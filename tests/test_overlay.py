@@ -36,8 +36,8 @@ def test_install_is_idempotent():
             EngineCoreProc.run_engine_core) == patched
     assert CompilationConfig().compute_hash() == hash_before
     import torch
-    assert torch.ops.vllm.unified_attention_with_output.overloads() == [
-        "default", "output_scale"]
+    assert sorted(torch.ops.vllm.unified_attention_with_output.overloads()) == [
+        "default", "output_group_scale", "output_scale"]
 
 
 def test_wrong_vllm_version_is_refused_and_nothing_patched():

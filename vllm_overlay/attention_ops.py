@@ -47,10 +47,19 @@ def _forward_quantized(query, key, value, output, layer_name, output_scale,
     from vllm.attention import layer as attn_layer
     attn_layer.wait_for_kv_layer_from_connector(layer_name)
     context, layer, kv_cache = _layer_and_cache(layer_name)
-    attention_quant.check_output_scale(layer, output, output_scale, group_scales)
+    # Per call on the decode hot path: check a layer's capability once per
+    # (dtype, scheme), and bind the scale as a plain attribute (assigning a
+    # Parameter to a Module would register it as the layer's parameter).
+    checked = layer.__dict__.setdefault("_vllm_overlay_checked", set())
+    scheme = (output.dtype, group_scales is None)
+    if scheme not in checked:
+        attention_quant.check_output_scale(layer, output, output_scale,
+                                           group_scales)
+        checked.add(scheme)
     quant = {"output_scale": output_scale} if group_scales is None \
         else {"output_group_scale": group_scales}
-    layer.output_scale = output_scale
+    if layer.__dict__.get("output_scale") is not output_scale:
+        object.__setattr__(layer, "output_scale", output_scale)
     layer.impl.forward(layer, query, key, value, kv_cache,
                        context.attn_metadata, output=output, **quant)
     attn_layer.maybe_save_kv_layer_to_connector(layer_name, kv_cache)

@@ -165,6 +165,10 @@ def _val(node):
 
 
 def _attention_output(node):
+    """The buffer unified_attention_with_output writes (None for
+    unified_attention, which returns its output)."""
+    if str(node.target) != "vllm.unified_attention_with_output":
+        return None
     return node.kwargs.get("output", node.args[3] if len(node.args) > 3 else None)
 
 
