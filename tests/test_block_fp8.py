@@ -20,7 +20,8 @@ import torch
 import stand_ins
 import vllm_overlay
 from cpu_harness.compile import ModelSpec, compile_model
-from tests.test_execute import TOLERANCE, _fixed_address, rel
+from tests.test_execute import (TOLERANCE, assert_captured_pieces_read_fixed_addresses,
+                                 rel)
 
 N = 2
 ON = (("enable_attn_fusion", True), )
@@ -120,20 +121,8 @@ def test_block_fp8_captured_pieces(overlay_compiled):
     and its scales are allocated in the piece before the attention); the
     o_proj GEMM stays in a captured piece, the group quant (fused) in the
     uncaptured attention piece."""
-    from vllm.compilation.backends import PiecewiseBackend
     compiled = overlay_compiled(spec("piecewise", fused=True))
-    split_gm = compiled.backend.split_gm
-    captured = {p.name for p in compiled.pieces
-                if isinstance(split_gm.__dict__.get(p.name), PiecewiseBackend)}
-    assert len(captured) == N + 1
-    for node in split_gm.graph.nodes:
-        if node.op != "call_module" or node.target not in captured:
-            continue
-        for arg in node.all_input_nodes:
-            if isinstance(arg.meta.get("example_value"), torch.SymInt):
-                continue
-            assert _fixed_address(arg, split_gm, captured), \
-                f"{node.target} reads {arg.name}, made outside a captured piece"
+    captured = assert_captured_pieces_read_fixed_addresses(compiled)
     for piece in compiled.pieces:
         ops = compiled.piece_ops(piece)
         if piece.name in captured:

@@ -84,6 +84,28 @@ def test_fused_runs_bit_identical_to_unfused(overlay_compiled, arch, mode):
     assert _fused_launches(off) == [torch.bfloat16] * (N * steps)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sticky_pieces_run_fused_eager_form_identical_to_inductor(
+        overlay_compiled, arch):
+    """Fused sticky pieces run as plain GraphModules (``fused_eager_piece``:
+    no Inductor wrapper on the per-step host path); running Inductor's
+    compiled piece instead gives the same bits."""
+    from cpu_harness.execute import Runner
+    compiled = overlay_compiled(spec(arch, "piecewise", fused=True))
+    sticky = [compiled.backend.split_gm.__dict__[p.name] for p in compiled.pieces
+              if p.is_splitting_graph]
+    assert len(sticky) == N and all(p.eager is not None for p in sticky)
+    for piece in sticky:
+        piece.run = piece.compiled
+    try:
+        outputs = Runner(compiled.model, compiled.vllm_config).run()
+    finally:
+        for piece in sticky:
+            piece.run = piece.eager
+    for a, b in zip(outputs, compiled.outputs):
+        assert torch.equal(a.hidden, b.hidden)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_compiled_runs_agree_with_eager(overlay_compiled, eager, arch, mode):
@@ -165,8 +187,13 @@ def test_captured_pieces_read_fixed_addresses(overlay_compiled, arch, fused):
     """vLLM replays a captured piece without copying its inputs: each
     tensor input must be a model input, a parameter, or made inside a
     captured piece (its graph-pool address is fixed per capture size)."""
+    assert_captured_pieces_read_fixed_addresses(
+        overlay_compiled(spec(arch, "piecewise", fused)))
+
+
+def assert_captured_pieces_read_fixed_addresses(compiled):
+    """The check above on one compiled model; returns the captured pieces."""
     from vllm.compilation.backends import PiecewiseBackend
-    compiled = overlay_compiled(spec(arch, "piecewise", fused))
     split_gm = compiled.backend.split_gm
     captured = {p.name for p in compiled.pieces
                 if isinstance(split_gm.__dict__.get(p.name), PiecewiseBackend)}
@@ -179,6 +206,7 @@ def test_captured_pieces_read_fixed_addresses(overlay_compiled, arch, fused):
                 continue
             assert _fixed_address(arg, split_gm, captured), \
                 f"{node.target} reads {arg.name}, made outside a captured piece"
+    return captured
 
 
 def test_fp8_kv_cache_runs_fused(overlay_compiled):

@@ -9,7 +9,7 @@ import torch
 
 import vllm_overlay
 from cpu_harness.compile import ModelSpec
-from test_execute import N, ON, TOLERANCE, _fused_launches, rel
+from tests.test_execute import N, ON, TOLERANCE, _fused_launches, rel
 
 V0 = dict(engine="v0", attention_backend="TRITON_ATTN_VLLM_V0", num_layers=N)
 FUSED = "vllm.unified_attention.output_scale"
@@ -58,7 +58,7 @@ def test_decode_launch_from_an_upper_bound_is_exact(seq_lens):
     for every length up to it (splits past a sequence's end stay empty).
     Interpreter; the graph replay itself: tests/gpu/test_v0_decode_graph_gpu.py."""
     kernel = vllm_overlay.active("triton_paged_attention")
-    from test_triton_paged_attention import make_batch, poison
+    from tests.test_triton_paged_attention import make_batch, poison
     bound, b = 1024, len(seq_lens)
     q, kc, vc, qsl, sl, bt = make_batch([1] * b, [bound] * b, 4, 2, 32, 16)
     sl.copy_(torch.tensor(seq_lens, dtype=torch.int32))

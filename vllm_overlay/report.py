@@ -15,9 +15,14 @@ import time
 import vllm_overlay
 
 ATTENTION = ("vllm.unified_attention", "vllm.unified_attention_with_output")
-FUSED = tuple(f"{op}.output_scale" for op in ATTENTION)
+FUSED = tuple(f"{op}.output_scale" for op in ATTENTION) + (
+    "vllm.unified_attention_with_output.output_group_scale", )
 QUANTS = ("_C.static_scaled_fp8_quant", "_C.dynamic_scaled_fp8_quant",
-          "_C.dynamic_per_token_scaled_fp8_quant")
+          "_C.dynamic_per_token_scaled_fp8_quant", "vllm.block_fp8_group_quant")
+# checkpoint formats the demo compiles and runs
+FORMATS = {"fp8": "FP8 with static activation scales",
+           "fp8-block": "block FP8 [128, 128] (dynamic per-token-group quant, "
+                        "group = head size 128)"}
 
 
 def versions():
@@ -117,27 +122,29 @@ def run(args):
           "stand-in for vLLM's CUDA quant kernel)")
     rows = []
     on = (("enable_attn_fusion", True), )
-    for spec_mode in ("piecewise", "full"):
-        results = {}
-        for label, pass_config in (("off", ()), ("on", on)):
-            spec = ModelSpec(arch=args.arch, num_layers=args.layers,
-                             mode=spec_mode, pass_config=pass_config)
-            start = time.perf_counter()
-            compiled = compile_model(spec, work_dir=work_dir)
-            seconds = time.perf_counter() - start
-            results[label] = (compiled, seconds)
-            _dump_graphs(compiled, pathlib.Path(args.out) / "graphs" /
-                         f"{spec_mode}-fusion-{label}")
-        (off, t_off), (on_c, t_on) = results["off"], results["on"]
-        rep = fusion_report(on_c)
-        rep["executed"] = execution_report(off, on_c)
-        rows.append((spec_mode, rep, off, on_c, t_off, t_on))
+    for fmt in FORMATS:
+        for spec_mode in ("piecewise", "full"):
+            results = {}
+            for label, pass_config in (("off", ()), ("on", on)):
+                spec = ModelSpec(arch=args.arch, num_layers=args.layers, fmt=fmt,
+                                 mode=spec_mode, pass_config=pass_config)
+                start = time.perf_counter()
+                compiled = compile_model(spec, work_dir=work_dir)
+                seconds = time.perf_counter() - start
+                results[label] = (compiled, seconds)
+                _dump_graphs(compiled, pathlib.Path(args.out) / "graphs" /
+                             f"{fmt}-{spec_mode}-fusion-{label}")
+            (off, t_off), (on_c, t_on) = results["off"], results["on"]
+            rep = fusion_report(on_c)
+            rep["executed"] = execution_report(off, on_c)
+            rows.append((fmt, spec_mode, rep, off, on_c, t_off, t_on))
     print("\n  pieces: graph(qN) = compiled + CUDA-graphed piece with N FP8 quant "
           "ops after the passes; attn = eager attention piece; attn+q->fp8 = "
-          "sticky attention piece, Inductor-compiled, fused")
-    print(f"\nEmbedded tiny FP8 {args.arch} ({args.layers} layers, static "
-          "activation scales), Triton attention backend:")
-    for spec_mode, rep, off, on_c, t_off, t_on in rows:
+          "sticky attention piece, fused")
+    for fmt, spec_mode, rep, off, on_c, t_off, t_on in rows:
+        if spec_mode == "piecewise":
+            print(f"\nEmbedded tiny {args.arch} ({args.layers} layers), "
+                  f"{FORMATS[fmt]}, Triton attention backend:")
         print(f"\n  [{spec_mode}]")
         print(f"    attention layers fused  {rep['fused']}/{rep['attention_layers']}")
         print(f"    quant kernels           {rep['quant_ops_before']} -> "
@@ -159,7 +166,7 @@ def run(args):
         print(f"                            fused   {ex['greedy_on']} "
               f"({'same' if ex['greedy_off'] == ex['greedy_on'] else 'DIFFERENT'})")
     print(f"\n  graphs written to {pathlib.Path(args.out) / 'graphs'}")
-    summary = [{"mode": m, **r} for m, r, *_ in rows]
+    summary = [{"format": f, "mode": m, **r} for f, m, r, *_ in rows]
     (pathlib.Path(args.out) / "report.json").write_text(json.dumps(summary, indent=2))
     return 0
 

@@ -200,17 +200,65 @@ def split_graph(graph: fx.GraphModule, ops):
     return split_gm, items
 
 
+def fused_eager_piece(submod: fx.GraphModule, fused_layers):
+    """The sticky piece as the fusion pass left it, as a plain GraphModule,
+    or None where the pass did not fuse its layer (or the piece is not one
+    attention + one static quant)::
+
+        attn(q, k, v, out, L); x = view(out); r = buf.view(x.size()); quant(r, x, s); return r
+        ->  attn.output_scale(q, k, v, buf, L, s); x = view(out); r = buf.view(x.size()); return r
+
+    Inductor compiles every sticky piece, so that ``AttnFusionPass`` decides
+    and rewrites; but calling Inductor's output costs tens of microseconds
+    of host time (AOTAutograd's runtime wrappers) per layer per step, on the
+    uncaptured path of every decode step, where stock calls its eager
+    attention piece.  This is the same single op call, run the way stock
+    runs its attention piece.  Tests check it is bit-identical to the
+    compiled piece."""
+    import vllm_overlay.attention_ops as attention_ops
+    nodes = [n for n in submod.graph.nodes if n.op == "call_function"
+             and _name(n) != "getitem"]
+    attn = [n for n in nodes if _name(n) == "vllm.unified_attention_with_output"]
+    quant = [n for n in nodes if _name(n) == "_C.static_scaled_fp8_quant"]
+    if len(attn) != 1 or len(quant) != 1 or len(nodes) != 2:
+        return None
+    (attn, ), (quant, ) = attn, quant
+    if _layer_name(attn) not in fused_layers:
+        return None
+    result, _, scale = quant.args
+    buf = _root(result)
+    if buf.op != "placeholder":
+        return None
+    gm = fx.GraphModule(submod, fx.Graph())
+    gm.graph = copy_graph = fx.Graph()
+    env = {}
+    for node in submod.graph.nodes:
+        if node is quant:
+            continue
+        if node is attn:
+            q, k, v = (env[a] for a in attn.args[:3])
+            env[node] = copy_graph.call_function(
+                attention_ops.fused_op("unified_attention_with_output"),
+                (q, k, v, env[buf], _layer_name(attn), env[scale]))
+            continue
+        env[node] = copy_graph.node_copy(node, lambda n: env[n])
+    gm.recompile()
+    return gm
+
+
 class StickyAttentionPiece:
     """An attention piece compiled by Inductor and run without CUDA graphs
-    (stands where vLLM would keep the eager piece)."""
+    (stands where vLLM would keep the eager piece); where the pass fused
+    it, the call runs ``fused_eager_piece`` instead of Inductor's output."""
 
     capturable = False
 
-    def __init__(self, graph, compiled):
-        self.graph, self.compiled = graph, compiled
+    def __init__(self, graph, compiled, eager=None):
+        self.graph, self.compiled, self.eager = graph, compiled, eager
+        self.run = eager if eager is not None else compiled
 
     def __call__(self, *args):
-        return self.compiled(*args)
+        return self.run(*args)
 
 
 _stock_split_graph = None
@@ -255,7 +303,11 @@ def install():
                 self.compilation_config, graph_index=index,
                 num_graphs=len(self.compile_submod_names) + len(sticky),
                 runtime_shape=None)
-            self.module.__dict__[target] = StickyAttentionPiece(submod, compiled)
+            fused = set().union(*(
+                p.fused for p in self.vllm_backend.post_grad_pass_manager.passes
+                if type(p).__name__ == "AttnFusionPass"))
+            self.module.__dict__[target] = StickyAttentionPiece(
+                submod, compiled, fused_eager_piece(submod, fused))
         return output
 
     interpreter.call_module = call_module

@@ -57,7 +57,9 @@ def _impl_class():
             if not self.use_overlay_kernel:
                 if output_scale is not None or output_group_scale is not None:
                     raise attention_quant.UnsupportedOutputQuant(
-                        "ALiBi/iRoPE Triton layers cannot fuse output quant")
+                        f"{type(self).__name__} (layer {layer.layer_name}) "
+                        "cannot write quantized attention output: ALiBi/iRoPE "
+                        "layers keep vLLM's kernel")
                 return super().forward(layer, query, key, value, kv_cache,
                                        attn_metadata, output=output)
             assert output is not None, "Output tensor must be provided."
