@@ -20,8 +20,8 @@ import torch
 import stand_ins
 import vllm_overlay
 from cpu_harness.compile import ModelSpec, compile_model
-from tests.test_execute import (TOLERANCE, assert_captured_pieces_read_fixed_addresses,
-                                 rel)
+from tests.test_execute import (TOLERANCE, _fused_launches,
+                                 assert_captured_pieces_read_fixed_addresses, rel)
 
 N = 2
 ON = (("enable_attn_fusion", True), )
@@ -34,25 +34,12 @@ def spec(mode, fused=False, fmt="fp8-block", **kw):
 
 
 def _launches(compiled):
-    """Re-run the steps on a fresh KV cache recording each kernel launch's
-    (out dtype, scale layout); the outputs must repeat exactly."""
-    from cpu_harness.execute import Runner
-    kernel = vllm_overlay.active("triton_paged_attention")
-    real, launches = kernel.paged_attention, []
-
-    def counting(query, key_cache, value_cache, out, *args, **kwargs):
+    """Each kernel launch's (out dtype, group-scale strides) over a re-run
+    of the steps (``_fused_launches``; the outputs must repeat exactly)."""
+    def record(out, kwargs):
         s = kwargs.get("output_group_scale")
-        launches.append((out.dtype, None if s is None else s.stride()))
-        return real(query, key_cache, value_cache, out, *args, **kwargs)
-
-    kernel.paged_attention = counting
-    try:
-        outputs = Runner(compiled.model, compiled.vllm_config).run()
-    finally:
-        kernel.paged_attention = real
-    for again, first in zip(outputs, compiled.outputs):
-        assert torch.equal(again.hidden, first.hidden)
-    return launches
+        return out.dtype, None if s is None else s.stride()
+    return _fused_launches(compiled, record)
 
 
 @pytest.mark.parametrize("mode", MODES)

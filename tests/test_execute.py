@@ -47,15 +47,15 @@ def eager(overlay_compiled):
     return lambda arch: overlay_compiled(spec(arch, "eager"))
 
 
-def _fused_launches(compiled):
-    """Run the steps again on a fresh KV cache, counting FP8-output kernel
-    launches; the outputs must repeat exactly."""
+def _fused_launches(compiled, record=lambda out, kwargs: out.dtype):
+    """Run the steps again on a fresh KV cache, recording each kernel
+    launch (by default its output dtype); the outputs must repeat exactly."""
     from cpu_harness.execute import Runner
     kernel = vllm_overlay.active("triton_paged_attention")
     real, launches = kernel.paged_attention, []
 
     def counting(query, key_cache, value_cache, out, *args, **kwargs):
-        launches.append(out.dtype)
+        launches.append(record(out, kwargs))
         return real(query, key_cache, value_cache, out, *args, **kwargs)
 
     kernel.paged_attention = counting
