@@ -147,9 +147,11 @@ def run(args):
                   f"{FORMATS[fmt]}, Triton attention backend:")
         print(f"\n  [{spec_mode}]")
         print(f"    attention layers fused  {rep['fused']}/{rep['attention_layers']}")
+        opaque = " (o_proj's group quants; the other block-FP8 linears quantize " \
+            "inside vLLM's opaque op)" if fmt == "fp8-block" else ""
         print(f"    quant kernels           {rep['quant_ops_before']} -> "
               f"{rep['quant_ops_after']} "
-              f"({rep['quant_ops_before'] - rep['quant_ops_after']} removed)")
+              f"({rep['quant_ops_before'] - rep['quant_ops_after']} removed){opaque}")
         print(f"    pieces (fusion off)     {_piece_line(off)}")
         print(f"    pieces (fusion on)      {_piece_line(on_c)}  "
               f"sticky attention pieces: {rep['sticky_pieces']}")

@@ -229,21 +229,18 @@ def fused_eager_piece(submod: fx.GraphModule, fused_layers):
     buf = _root(result)
     if buf.op != "placeholder":
         return None
-    gm = fx.GraphModule(submod, fx.Graph())
-    gm.graph = copy_graph = fx.Graph()
-    env = {}
+    graph, env = fx.Graph(), {}
     for node in submod.graph.nodes:
         if node is quant:
             continue
         if node is attn:
             q, k, v = (env[a] for a in attn.args[:3])
-            env[node] = copy_graph.call_function(
+            env[node] = graph.call_function(
                 attention_ops.fused_op("unified_attention_with_output"),
                 (q, k, v, env[buf], _layer_name(attn), env[scale]))
             continue
-        env[node] = copy_graph.node_copy(node, lambda n: env[n])
-    gm.recompile()
-    return gm
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(submod, graph)
 
 
 class StickyAttentionPiece:
