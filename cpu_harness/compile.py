@@ -307,11 +307,9 @@ def build_model(vllm_config):
 def executable(spec: ModelSpec) -> bool:
     """Whether the CPU harness can run ``spec`` with the overlay installed:
     attention must be the overlay's Triton backend (vLLM's FlashAttention
-    and stock Triton kernels have no CPU stand-in; V1 or its V0 twin) on
-    one rank (TP=2 over gloo ran, but its logits did not match the
-    single-rank model and it is not understood yet: compiled only)."""
-    return spec.attention_backend in ("TRITON_ATTN_VLLM_V1", "TRITON_ATTN_VLLM_V0") \
-        and spec.tp_size == 1
+    and stock Triton kernels have no CPU stand-in; V1 or its V0 twin).
+    Tensor-parallel ranks all-reduce over gloo (``platform.GlooCommunicator``)."""
+    return spec.attention_backend in ("TRITON_ATTN_VLLM_V1", "TRITON_ATTN_VLLM_V0")
 
 
 def compile_model(spec: ModelSpec = ModelSpec(), work_dir=None,
@@ -438,6 +436,7 @@ def summarize(compiled: CompiledModel) -> dict:
         "post_grad": [{"targets_before": pg.targets_before,
                        "targets_after": pg.targets_after, "before": pg.before,
                        "after": str(pg.after)} for pg in compiled.post_grad],
+        "logits": [o.logits.tolist() for o in compiled.outputs or ()],
     }
 
 

@@ -5,6 +5,9 @@ platform, call attention directly (no custom op) and fall back to Marlin for
 FP8.  This platform is vLLM's own ``CudaPlatformBase`` with a fixed device:
 an sm_90 GPU.  It is selected only when the harness is active.
 """
+import torch
+from vllm.distributed.device_communicators.base_device_communicator import (
+    DeviceCommunicatorBase)
 from vllm.platforms.cuda import CudaPlatformBase
 from vllm.platforms.interface import DeviceCapability
 
@@ -34,5 +37,18 @@ class HarnessPlatform(CudaPlatformBase):
     @classmethod
     def get_device_communicator_cls(cls) -> str:
         # gloo only: vLLM's CUDA communicator would open NCCL on a device.
-        return ("vllm.distributed.device_communicators.base_device_communicator."
-                "DeviceCommunicatorBase")
+        return "cpu_harness.platform.GlooCommunicator"
+
+
+class GlooCommunicator(DeviceCommunicatorBase):
+    """vLLM's base (gloo) communicator with an out-of-place all-reduce.
+
+    ``vllm::all_reduce`` is registered as returning a new tensor, but the
+    base class reduces its input in place and returns it: in a compiled
+    graph Inductor may still read that input (the residual), which then
+    holds the sum.  vLLM's CUDA communicators reduce out of place."""
+
+    def all_reduce(self, input_):
+        out = input_.clone()
+        torch.distributed.all_reduce(out, group=self.device_group)
+        return out

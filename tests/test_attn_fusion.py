@@ -115,9 +115,9 @@ def test_dynamic_per_token_checkpoint_untouched(overlay_compiled):
     assert any("dynamic quant" in r for r in report["skipped"].values())
 
 
-def test_tensor_parallel_rank_graph_fuses(tmp_path):
-    """Two gloo ranks (processes) compile a TP=2 model: each rank's graph
-    holds its share of heads, and the pattern matches on both."""
+def test_tensor_parallel_rank_graph_fuses(tmp_path, overlay_compiled):
+    """Two gloo ranks (processes) compile and run a TP=2 model: each rank's
+    graph holds its share of heads, and the pattern matches on both."""
     import concurrent.futures
     import dataclasses
     import socket
@@ -138,3 +138,13 @@ def test_tensor_parallel_rank_graph_fuses(tmp_path):
         assert pg["targets_after"].count(QUANT) == 3 * N
         # 4 heads / 2 ranks = 2 heads of 32 per rank: attention output [T, 2, 32]
         assert "[-1, 2, 32]" in pg["before"]
+    # Both ranks ran the harness steps (all-reduce over gloo): their
+    # all-gathered logits are equal, and within the execution tolerance of
+    # the same model fused on one rank (tests/test_execute.py).
+    from tests.test_execute import TOLERANCE, rel
+    ranks = [[torch.tensor(x) for x in s["logits"]] for s in summaries]
+    single = overlay_compiled(full(pass_config=FUSION_ON)).outputs
+    assert len(ranks[0]) == len(single) > 0
+    for r0, r1, one in zip(*ranks, single):
+        assert torch.equal(r0, r1)
+        assert rel(r0, one.logits) <= TOLERANCE
