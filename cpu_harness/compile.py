@@ -223,7 +223,8 @@ def _build_vllm_config(spec, model_dir):
     vllm_config = VllmConfig(
         model_config=model_config,
         cache_config=CacheConfig(block_size=16, gpu_memory_utilization=0.9,
-                                 swap_space=0, cache_dtype=spec.kv_cache_dtype),
+                                 swap_space=0, cache_dtype=spec.kv_cache_dtype,
+                                 sliding_window=model_config.get_sliding_window()),
         parallel_config=ParallelConfig(tensor_parallel_size=spec.tp_size),
         scheduler_config=SchedulerConfig(max_num_batched_tokens=256,
                                          max_num_seqs=8, max_model_len=256),

@@ -102,6 +102,10 @@ ARCHS: Dict[str, ArchSpec] = {
     "mistral":
     ArchSpec("MistralForCausalLM", "mistral", False,
              (("sliding_window", None), )),
+    # a window shorter than the harness's sequences (cpu_harness.execute)
+    "mistral-sw":
+    ArchSpec("MistralForCausalLM", "mistral", False,
+             (("sliding_window", 8), )),
     "qwen2":
     ArchSpec("Qwen2ForCausalLM", "qwen2", True,
              (("use_sliding_window", False), ("sliding_window", None),

@@ -209,6 +209,21 @@ def assert_captured_pieces_read_fixed_addresses(compiled):
     return captured
 
 
+def test_sliding_window_runs_fused(overlay_compiled):
+    """Mistral with an 8-token window (the harness's sequences reach 20
+    tokens): fused == unfused bit for bit, within tolerance of eager, and
+    the window is live (the layers carry it)."""
+    ref = overlay_compiled(spec("mistral-sw", "eager"))
+    off = overlay_compiled(spec("mistral-sw", "piecewise"))
+    on = overlay_compiled(spec("mistral-sw", "piecewise", fused=True))
+    layers = on.vllm_config.compilation_config.static_forward_context.values()
+    assert all(layer.impl.sliding_window == (7, 0) for layer in layers)
+    for a, b, want in zip(on.outputs, off.outputs, ref.outputs):
+        assert torch.equal(a.hidden, b.hidden)
+        assert rel(a.hidden, want.hidden) <= TOLERANCE
+    assert _fused_launches(on) == [torch.float8_e4m3fn] * (N * len(on.outputs))
+
+
 def test_fp8_kv_cache_runs_fused(overlay_compiled):
     """V1 + --kv-cache-dtype fp8 (a uint8 cache holding e4m3; the kernel
     reads it as FP8): fused == unfused bit for bit, both within the
