@@ -62,11 +62,17 @@ _FRESH = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.defau
           torch.ops.aten.empty_like.default)
 
 
+def _root(node, through=VIEW_OPS):
+    """The node under ``node``'s chain of ``through`` ops (views)."""
+    while node.target in through:
+        node = node.args[0]
+    return node
+
+
 def _fresh_or_input(node):
     """A fresh buffer or a graph input, or a view of one (``empty_like``
     decomposes to ``permute(empty)``)."""
-    while node.target in VIEW_OPS + (torch.ops.aten.permute.default, ):
-        node = node.args[0]
+    node = _root(node, VIEW_OPS + (torch.ops.aten.permute.default, ))
     return node.op == "placeholder" or node.target in _FRESH
 
 
@@ -164,15 +170,12 @@ def find_match(attn):
 def _is_input_view(node):
     """``node`` is a graph input or a view of one (a sticky piece's FP8
     buffer, allocated by the preceding piece)."""
-    while node.target in VIEW_OPS:
-        node = node.args[0]
-    return node.op == "placeholder"
+    return _root(node).op == "placeholder"
 
 
 def _input_of_shape(node, shape):
     """The placeholder under ``node``'s views if it has ``shape``, else None."""
-    while node.target in VIEW_OPS:
-        node = node.args[0]
+    node = _root(node)
     same = [str(d) for d in _val(node).shape] == [str(d) for d in shape]
     return node if node.op == "placeholder" and same else None
 
@@ -279,9 +282,6 @@ class AttnFusionPass(_pass_base()):
         if layer is None or not hasattr(layer, "can_fuse_output_quant"):
             return []
         return attention_quant.fusable_keys(layer)
-
-    def can_fuse(self, layer_name):
-        return bool(self.fusable_keys(layer_name))
 
     def __call__(self, graph: torch.fx.Graph):
         self.begin()
