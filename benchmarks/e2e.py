@@ -81,6 +81,10 @@ def parse_args(argv=None):
                     help="gpu_memory_utilization (default 0.85)")
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="default: max prompt len + output len")
+    ap.add_argument("--profile", action="store_true",
+                    help="per point, also trace one call (same batch, at most "
+                         "16 new tokens) with vLLM's torch profiler and report "
+                         "the share of its wall time spent in attention kernels")
     ap.add_argument("--out-dir", default=None,
                     help="write e2e.md, results.json and engine logs here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -179,13 +183,74 @@ def _child(cfg, out_path):
                          "latency_ms": t_gen * 1e3, "prefill_ms": t_pre * 1e3,
                          "latency_ms_all": [round(t * 1e3, 2) for t in gen_times],
                          "prefill_ms_all": [round(t * 1e3, 2) for t in pre_times]})
+            if cfg.get("profile"):
+                rows[-1]["profile"] = _profile_point(
+                    llm, prompts, min(output_len, PROFILE_TOKENS), timed)
             print(f"E2E-POINT {json.dumps(rows[-1])}", flush=True)
     Path(out_path).write_text(json.dumps(rows))
 
 
+PROFILE_TOKENS = 16
+ATTENTION_KERNELS = ("_paged_attn_fwd_kernel", "_split_reduce_kernel")
+QUANT_KERNELS = ("_static_fp8_quant_kernel", "scaled_fp8_quant")
+
+
+def kernel_shares(trace):
+    """GPU kernel time (ms) of a torch profiler trace (chrome JSON): total,
+    the overlay's attention kernels, FP8 quant kernels, and the top 5."""
+    per_name = {}
+    for ev in trace.get("traceEvents", ()):
+        if ev.get("cat") == "kernel" and "dur" in ev:
+            per_name[ev["name"]] = per_name.get(ev["name"], 0.0) + ev["dur"] / 1e3
+    def total(keys):
+        return sum(t for n, t in per_name.items() if any(k in n for k in keys))
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:5]
+    return {"kernel_ms": sum(per_name.values()), "attention_ms": total(ATTENTION_KERNELS),
+            "quant_ms": total(QUANT_KERNELS),
+            "top": [(n[:80], round(t, 3)) for n, t in top]}
+
+
+def _profile_point(llm, prompts, max_tokens, timed):
+    """Share of the step time spent in attention: one call of the same
+    batch with ``max_tokens`` new tokens under vLLM's profiler
+    (VLLM_TORCH_PROFILER_DIR, traced in the engine-core process), its
+    kernels summed from the trace, against the unprofiled wall time of the
+    same call (median of --iters)."""
+    import gzip
+
+    from vllm import SamplingParams
+    trace_dir = Path(os.environ["VLLM_TORCH_PROFILER_DIR"])
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                            ignore_eos=True, detokenize=False)
+    wall, _, walls = timed(params)
+    before = set(trace_dir.glob("*.json*"))
+    llm.start_profile()
+    llm.generate(prompts, params, use_tqdm=False)
+    llm.stop_profile()
+    new = None
+    for _ in range(600):                     # the trace is written on stop
+        found = sorted(set(trace_dir.glob("*.json*")) - before)
+        if found:
+            new = found[-1]
+            break
+        time.sleep(0.1)
+    if new is None:
+        return {"error": "no trace written"}
+    time.sleep(1.0)
+    opener = gzip.open if new.suffix == ".gz" else open
+    with opener(new, "rt") as f:
+        shares = kernel_shares(json.load(f))
+    new.unlink()
+    shares.update(max_tokens=max_tokens, wall_ms=wall * 1e3,
+                  wall_ms_all=[round(t * 1e3, 2) for t in walls],
+                  attention_share_of_wall=shares["attention_ms"] / (wall * 1e3),
+                  attention_share_of_kernels=shares["attention_ms"] / max(shares["kernel_ms"], 1e-9))
+    return shares
+
+
 # ---------------------------------------------------------------- parent
 
-def _env(variant, engine, tmp):
+def _env(variant, engine, tmp, profile=False):
     env = dict(os.environ)
     for key in ("VLLM_ATTENTION_BACKEND", "TRITON_INTERPRET",
                 "VLLM_OVERLAY_CPU_HARNESS"):
@@ -199,6 +264,8 @@ def _env(variant, engine, tmp):
                 "HF_HUB_OFFLINE": "1",
                 "PYTHONPATH": os.pathsep.join(
                     [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))})
+    if profile:
+        env["VLLM_TORCH_PROFILER_DIR"] = str(Path(tmp) / "traces")
     if variant in ("on", "off") and engine == "v1":
         env["VLLM_ATTENTION_BACKEND"] = "TRITON_ATTN_VLLM_V1"
     return env
@@ -221,12 +288,12 @@ def run_variant(model, variant, args, max_model_len, vocab_size, log_dir):
            "vocab_size": vocab_size, "batch_sizes": args.batch_sizes,
            "points": args.point_list,
            "prompt_lens": args.prompt_lens, "output_len": args.output_len,
-           "iters": args.iters}
+           "iters": args.iters, "profile": args.profile}
     with tempfile.TemporaryDirectory(prefix="vllm_e2e_bench_") as tmp:
         out = Path(tmp) / "rows.json"
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--child",
-             json.dumps(cfg), str(out)], env=_env(variant, args.engine, tmp),
+             json.dumps(cfg), str(out)], env=_env(variant, args.engine, tmp, args.profile),
             cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         if log_dir is not None:
@@ -280,6 +347,18 @@ def markdown(results, variants):
         if "on" in per_variant:
             notes.append(f"- {model}: fused attention nodes per rank (fusion on): "
                          f"{per_variant['on'][1] or 'none logged'}")
+    for model, per_variant in results.items():
+        for v in variants:
+            for r in (per_variant.get(v) or (None,))[0] or ():
+                pr = r.get("profile")
+                if not pr or "error" in pr:
+                    continue
+                notes.append(
+                    f"- {model} {v} {r['batch']}x{r['prompt_len']} (profiled call: "
+                    f"{pr['max_tokens']} new tokens, wall {pr['wall_ms']:.1f} ms): attention "
+                    f"kernels {pr['attention_ms']:.1f} ms = {pr['attention_share_of_wall']:.1%} "
+                    f"of wall, {pr['attention_share_of_kernels']:.1%} of GPU kernel time "
+                    f"({pr['kernel_ms']:.1f} ms); quant {pr['quant_ms']:.2f} ms; top: {pr['top'][:3]}")
     return "\n".join(lines + [""] + notes) + "\n"
 
 

@@ -1,6 +1,8 @@
 #!/bin/bash
 # On the GPU box: unpack the vLLM bundle, check imports, run STEPS (env,
-# space separated: engine prefix bench standins).  Logs under $OUT.
+# space separated: engine engine32 prefix bench standins pytest).  Logs under $OUT.
+# PYTEST_ARGS: node ids for the pytest step (default tests/gpu_box); engine32: the
+# engine check with triton 3.2 (the bundle of gpu_harness/triton_bundle.py) first on PYTHONPATH.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 STEPS=${STEPS:-engine}
@@ -23,7 +25,10 @@ for step in $STEPS; do
     prefix) rm -rf /tmp/prefix_repo && mkdir /tmp/prefix_repo && cp -r cpu_harness stand_ins gpu_harness tests /tmp/prefix_repo/ && \
             cp -r .gpu_bundle/prefix/vllm_overlay /tmp/prefix_repo/ && \
             (cd /tmp/prefix_repo && PYTHONPATH=$SITE:/tmp/prefix_repo timeout ${ENGINE_TIMEOUT:-400} python3 gpu_harness/engine_check.py $OUT/pre --tag prefix $PREFIX_ARGS) ;;
-    pytest) timeout ${ENGINE_TIMEOUT:-400} python3 -m pytest -v -p no:cacheprovider tests/gpu_box -x 2>&1 | tail -40 | tee $OUT/pytest.log ;;
+    engine32) python3 gpu_harness/triton_bundle.py unpack .gpu_bundle/triton-3.2.0.tar.xz --dest /tmp/triton32 && \
+              PYTHONPATH=/tmp/triton32:$PYTHONPATH timeout ${ENGINE_TIMEOUT:-400} python3 gpu_harness/engine_check.py $OUT/eng32 --tag triton32 ;;
+    pytest) E2E_LOG_DIR=$OUT/e2e_logs timeout ${ENGINE_TIMEOUT:-400} python3 -m pytest -v -p no:cacheprovider -rA \
+              ${PYTEST_ARGS:-tests/gpu_box} 2>&1 | tail -60 | tee $OUT/pytest.log ;;
     bench) timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/e2e.py $BENCH_ARGS --out-dir $OUT/bench ;;
   esac
 done

@@ -21,7 +21,7 @@ replays itself (``torch.cuda.CUDAGraph.capture_begin`` / ``replay``
 wrapped).
 
 What is asserted:
-- V1, one GPU, in-process engine core: fusion on logs ``Fused quant onto N
+- V1, one GPU, in-process engine core, Llama and Qwen2: fusion on logs ``Fused quant onto N
   attention nodes`` with N summed over the compiled graphs == number of
   layers (one sticky attention piece per layer), ``Sticky ops: N attention
   pieces keep their quant``, CUDA graphs captured (at least one per capture
@@ -37,10 +37,16 @@ What is asserted:
 - V1 with ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (engine core spawned): the
   line "vllm_overlay active in engine-core process" appears and the fusion
   count is the number of layers (the model is compiled only in that process).
-- V0 (``VLLM_USE_V1=0``, default CUDA backend, compilation level 3; needs
-  vLLM's compiled FlashAttention, skipped without it): no V0
-  CUDA backend can fuse: every fusion line says 0 and the output is
-  identical (tokens equal, logprobs within 1e-4).
+- V0 (``VLLM_USE_V1=0``, ``VLLM_ATTENTION_BACKEND=TRITON_ATTN_VLLM_V0``,
+  compilation level 3: one full graph, V0's own decode CUDA graphs around
+  the whole model): fusion on logs ``Fused quant onto N`` summed to the
+  number of layers (no sticky ops: nothing is split), graphs captured and
+  replayed; tokens as above.
+- V1 with ``kv_cache_dtype="fp8"`` and ``VLLM_USE_V1`` unset (the oracle
+  decides, as for a user): the log says V1 was kept for this backend and a
+  V1 engine starts; fusion and graphs as in the V1 test; tokens on vs off as
+  above (both read the same FP8 cache; no float reference: the cache
+  quantizes K/V).
 - TP=2 when ``torch.cuda.device_count() >= 2``: each rank fuses all its layers;
   tokens as above.
 """
@@ -50,6 +56,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +86,10 @@ GRAPHS_RE = re.compile(r"E2E-GRAPHS captures=(\d+) replays=(\d+)")
 FUSED_RE = re.compile(r"Fused quant onto (\d+) attention nodes")
 WORKER_RE = re.compile(r"\(VllmWorker rank=(\d+)")
 ENGINE_CORE_LINE = "vllm_overlay active in engine-core process"
+V1_KEPT_LINE = "V1 kept with --kv-cache-dtype fp8"
+BACKENDS = {"v1": "TRITON_ATTN_VLLM_V1", "v0": "TRITON_ATTN_VLLM_V0"}
+ENGINE_TIMEOUT = int(os.environ.get("E2E_ENGINE_TIMEOUT", "600"))
+MULTIPROC_TIMEOUT = int(os.environ.get("E2E_MULTIPROC_TIMEOUT", "300"))
 
 
 def skip_reason():
@@ -191,7 +202,8 @@ def _child(cfg, out_path):
     llm = LLM(model=cfg["model"], tokenizer=cfg["model"], dtype="bfloat16",
               enforce_eager=False, max_model_len=512, seed=0,
               gpu_memory_utilization=cfg.get("gpu_mem", 0.3),
-              tensor_parallel_size=cfg["tp"], compilation_config=compilation)
+              tensor_parallel_size=cfg["tp"], compilation_config=compilation,
+              kv_cache_dtype=cfg.get("kv_cache_dtype", "auto"))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=2,
                             ignore_eos=True)
     def run(indices):
@@ -218,50 +230,88 @@ def _child(cfg, out_path):
                                           "together": together}))
 
 
-def _engine_env(engine, multiproc):
+def _engine_env(engine, multiproc, oracle=False):
+    """The child's environment: V1 or V0 as asked (``oracle``: VLLM_USE_V1
+    unset, vLLM's oracle decides, as for a user who sets nothing), the
+    overlay's Triton backend of that engine, debug logging, no compile
+    cache of vLLM's own."""
     import cpu_harness
     env = dict(os.environ)
     for key in (cpu_harness.ENV_FLAG, "TRITON_INTERPRET", "VLLM_ATTENTION_BACKEND",
-                "TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT"):
+                "TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT", "VLLM_USE_V1"):
         env.pop(key, None)
     env.update({
-        "VLLM_USE_V1": "1" if engine == "v1" else "0",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiproc else "0",
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
         "VLLM_DISABLE_COMPILE_CACHE": "1",
         "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
         "VLLM_LOGGING_LEVEL": "DEBUG",
         "HF_HUB_OFFLINE": "1",
+        "VLLM_ATTENTION_BACKEND": BACKENDS[engine],
         "PYTHONPATH": os.pathsep.join(
             [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
     })
-    if engine == "v1":
-        # V0 rejects this backend name; it keeps its default (FlashAttention).
-        env["VLLM_ATTENTION_BACKEND"] = "TRITON_ATTN_VLLM_V1"
+    if not oracle:
+        env["VLLM_USE_V1"] = "1" if engine == "v1" else "0"
     return env
 
 
 def run_engine(model_dir, fusion, engine="v1", multiproc=False, tp=1,
-               timeout=900):
+               kv_cache_dtype="auto", timeout=None, kernel_cache=None,
+               log_path=None):
     """One engine in a fresh process: (outputs, combined log); outputs
-    {"batched": per prompt from BATCHES, "together": one call}."""
+    {"batched": per prompt from BATCHES, "together": one call}.  An FP8 KV
+    cache leaves VLLM_USE_V1 unset (the oracle decides).  ``kernel_cache``:
+    a directory for Inductor's and Triton's compiled kernels shared by the
+    engines of one session (Inductor's FX graph cache and vLLM's compile
+    cache stay off: every engine compiles its graphs).  ``log_path``: the
+    log is written there too (also after a failure or a timeout)."""
     cfg = {"model": str(model_dir), "fusion": fusion, "engine": engine,
-           "tp": tp}
+           "tp": tp, "kv_cache_dtype": kv_cache_dtype}
+    timeout = timeout or ENGINE_TIMEOUT
     with tempfile.TemporaryDirectory(prefix="vllm_e2e_") as tmp:
         out = Path(tmp) / "out.json"
-        env = _engine_env(engine, multiproc)
+        env = _engine_env(engine, multiproc, oracle=kv_cache_dtype != "auto")
         env["VLLM_CACHE_ROOT"] = str(Path(tmp) / "vllm_cache")
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child",
-             json.dumps(cfg), str(out)],
-            env=env, cwd=str(ROOT), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, timeout=timeout)
-        log = proc.stdout
-        if proc.returncode != 0 or not out.exists():
-            raise AssertionError(f"engine {cfg} failed (rc {proc.returncode}):\n"
+        cache = Path(kernel_cache) if kernel_cache else Path(tmp)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
+        env["TRITON_CACHE_DIR"] = str(cache / "triton")
+        t0 = time.time()
+        try:
+            proc = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--child",
+                 json.dumps(cfg), str(out)],
+                env=env, cwd=str(ROOT), stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, timeout=timeout)
+            log, rc = proc.stdout, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            part = exc.stdout or ""
+            log = part.decode(errors="replace") if isinstance(part, bytes) else part
+            rc = f"timeout after {timeout} s"
+        log += f"\nE2E-WALL {time.time() - t0:.1f} s rc={rc}\n"
+        if log_path:
+            Path(log_path).write_text(log)
+        if rc != 0 or not out.exists():
+            raise AssertionError(f"engine {cfg} failed (rc {rc}):\n"
                                  f"{log[-6000:]}")
         return json.loads(out.read_text()), log
+
+
+def check_fused_engine(log, num_layers, sticky=True):
+    """The fused engine's log: N fused == layers, sticky ops (piecewise),
+    CUDA graphs captured and replayed (counted)."""
+    counts = fused_counts(log)
+    assert list(counts) == [0], counts
+    assert sum(counts[0]) == num_layers, counts
+    sticky_line = f"Sticky ops: {num_layers} attention pieces keep their quant"
+    assert (sticky_line in log) == sticky, sticky_line
+    check_graphs(log)
+
+
+def check_graphs(log):
+    captures, replays = graph_counts(log)
+    assert captures >= len(CAPTURE_SIZES), (captures, replays)
+    assert replays >= MAX_TOKENS, (captures, replays)
 
 
 # ------------------------------------------------------------------- tests
@@ -275,25 +325,48 @@ if __name__ != "__main__":
     _runs = {}
 
     @pytest.fixture(scope="module")
-    def model_dir(tmp_path_factory):
+    def model_dirs(tmp_path_factory):
+        """arch -> the embedded tiny FP8 checkpoint (built on first use)."""
         from cpu_harness.tiny_checkpoint import build_checkpoint
-        return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama-fp8",
-                                arch="llama", fmt="fp8", num_layers=NUM_LAYERS)
+        built = {}
 
-    @pytest.fixture(scope="module")
-    def engine(model_dir):
-        """(fusion, engine, multiproc, tp) -> (outputs, log), cached."""
-        def get(fusion, engine="v1", multiproc=False, tp=1):
-            key = (fusion, engine, multiproc, tp)
-            if key not in _runs:
-                _runs[key] = run_engine(model_dir, fusion, engine, multiproc, tp)
-            return _runs[key]
+        def get(arch):
+            if arch not in built:
+                built[arch] = build_checkpoint(
+                    tmp_path_factory.mktemp("ckpt") / f"tiny-{arch}-fp8",
+                    arch=arch, fmt="fp8", num_layers=NUM_LAYERS)
+            return built[arch]
         return get
 
     @pytest.fixture(scope="module")
-    def reference_first_tokens(model_dir):
-        """CPU float32 reference (FP8 emulated): (argmax, top-2 margin) of
-        the first generated token per prompt."""
+    def engine(model_dirs, tmp_path_factory):
+        """(fusion, engine, multiproc, tp, arch, kv_cache_dtype) ->
+        (outputs, log), each configuration run once per session; logs also
+        under $E2E_LOG_DIR when set."""
+        kernels = tmp_path_factory.mktemp("kernels")
+        log_dir = os.environ.get("E2E_LOG_DIR")
+
+        def get(fusion, engine="v1", multiproc=False, tp=1, arch="llama",
+                kv_cache_dtype="auto"):
+            key = (fusion, engine, multiproc, tp, arch, kv_cache_dtype)
+            if key not in _runs:
+                name = "-".join([engine, arch, kv_cache_dtype, f"tp{tp}",
+                                 "mp" if multiproc else "inproc",
+                                 "on" if fusion else "off"])
+                log_path = None
+                if log_dir:
+                    Path(log_dir).mkdir(parents=True, exist_ok=True)
+                    log_path = Path(log_dir) / f"{name}.log"
+                _runs[key] = run_engine(
+                    model_dirs(arch), fusion, engine, multiproc, tp,
+                    kv_cache_dtype, kernel_cache=kernels, log_path=log_path,
+                    timeout=MULTIPROC_TIMEOUT if multiproc else None)
+            return _runs[key]
+        return get
+
+    def _reference_first_tokens(model_dir):
+        """CPU float32 reference (FP8 emulated): (prompt ids, argmax, top-2
+        margin) of the first generated token per prompt."""
         import torch
         from transformers import AutoTokenizer
 
@@ -311,30 +384,55 @@ if __name__ != "__main__":
                                float(top.values[0] - top.values[1])))
         return result
 
-    def test_v1_fusion_on_vs_off(engine, reference_first_tokens):
-        on, log_on = engine(True)
-        off, log_off = engine(False)
-        assert "overlay mode=overlay" in log_on
-        counts = fused_counts(log_on)
-        assert list(counts) == [0], counts
-        assert sum(counts[0]) == NUM_LAYERS, counts
-        assert f"Sticky ops: {NUM_LAYERS} attention pieces keep their quant" in log_on
-        assert "Graph capturing finished" in log_on      # piecewise CUDA graphs
-        assert "Graph capturing finished" in log_off
-        for log in (log_on, log_off):                    # counted, not logged
-            captures, replays = graph_counts(log)
-            assert captures >= len(CAPTURE_SIZES), (captures, replays)
-            assert replays >= MAX_TOKENS, (captures, replays)
-        assert fused_counts(log_off) == {}               # pass not registered
-        compare_greedy(on, off)
+    def check_reference(runs, reference):
         checked = 0
-        for run in (on["batched"], off["batched"], on["together"], off["together"]):
-            for out, (ids, argmax, margin) in zip(run, reference_first_tokens):
+        for run in runs:
+            for out, (ids, argmax, margin) in zip(run, reference):
                 assert out["prompt_ids"] == ids
                 if margin > REF_MARGIN:
                     assert out["tokens"][0] == argmax
                     checked += 1
         assert checked > 0, "reference margins all below REF_MARGIN"
+
+    @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+    def test_v1_fusion_on_vs_off(engine, model_dirs, arch):
+        on, log_on = engine(True, arch=arch)
+        off, log_off = engine(False, arch=arch)
+        assert "overlay mode=overlay" in log_on
+        check_fused_engine(log_on, NUM_LAYERS)
+        assert "Graph capturing finished" in log_on      # piecewise CUDA graphs
+        assert "Graph capturing finished" in log_off
+        check_graphs(log_off)                            # counted, not logged
+        assert fused_counts(log_off) == {}               # pass not registered
+        compare_greedy(on, off)
+        check_reference([on["batched"], off["batched"], on["together"],
+                         off["together"]],
+                        _reference_first_tokens(model_dirs(arch)))
+
+    def test_v0_full_graph_fuses(engine, model_dirs):
+        on, log_on = engine(True, "v0")
+        off, log_off = engine(False, "v0")
+        for log in (log_on, log_off):
+            assert "Initializing a V0 LLM engine" in log
+            assert "TRITON_ATTN_VLLM_V0" in log
+        check_fused_engine(log_on, NUM_LAYERS, sticky=False)
+        check_graphs(log_off)
+        assert fused_counts(log_off) == {}
+        compare_greedy(on, off)
+        check_reference([on["batched"], off["batched"], on["together"],
+                         off["together"]],
+                        _reference_first_tokens(model_dirs("llama")))
+
+    def test_v1_fp8_kv_cache_stays_v1_and_fuses(engine):
+        on, log_on = engine(True, kv_cache_dtype="fp8")
+        off, log_off = engine(False, kv_cache_dtype="fp8")
+        for log in (log_on, log_off):
+            assert V1_KEPT_LINE in log
+            assert "Initializing a V1 LLM engine" in log
+            assert "Initializing a V0 LLM engine" not in log
+        check_fused_engine(log_on, NUM_LAYERS)
+        check_graphs(log_off)
+        compare_greedy(on, off)
 
     def test_v1_engine_core_process_has_overlay(engine):
         on, log = engine(True, multiproc=True)
@@ -342,27 +440,6 @@ if __name__ != "__main__":
         counts = fused_counts(log)
         assert sum(n for ns in counts.values() for n in ns) == NUM_LAYERS, counts
         compare_greedy(on, engine(False)[0])
-
-    def test_v0_cannot_fuse_and_output_is_identical(engine):
-        import importlib.util
-        try:
-            fa = importlib.util.find_spec("vllm.vllm_flash_attn._vllm_fa2_C")
-        except ImportError:
-            fa = None
-        if fa is None:
-            pytest.skip("V0's default CUDA backend needs vLLM's compiled "
-                        "FlashAttention (absent)")
-        on, log_on = engine(True, "v0")
-        off, log_off = engine(False, "v0")
-        counts = fused_counts(log_on)
-        assert counts and all(n == 0 for ns in counts.values() for n in ns), counts
-        assert fused_counts(log_off) == {}
-        for a, b in zip(on["batched"] + on["together"],
-                        off["batched"] + off["together"]):
-            assert a["tokens"] == b["tokens"]
-            for la, lb in zip(a["logprobs"], b["logprobs"]):
-                for t, v in lb.items():
-                    assert abs(la[t] - v) <= V0_LOGPROB_ATOL
 
     def test_v1_tp2(engine):
         if _device_count() < 2:
