@@ -3,8 +3,11 @@ under triton 3.2 (what vLLM 0.8.5 users run) and the box's own triton in ONE cal
 
 Usage (GPU box, repository root):
     python3 benchmarks/attention_quant.py $OUT [--tritons 3.2,3.6] [--bundle .gpu_bundle/triton-3.2.0.tar.xz]
-        [--tests] [--sweep] [--report] [--quick] [--shapes SUBSTR,...] [--warm-procs 6]
-The parent process unpacks the triton 3.2 bundle (gpu_harness/triton_bundle.py), optionally runs
+        [--tests] [--sweep] [--report] [--quick] [--shapes SUBSTR,...] [--variants a,b,g,h] [--warm-procs 6]
+        [--vllm-bundle .gpu_bundle/vllm085]
+The parent process unpacks the triton 3.2 bundle (gpu_harness/triton_bundle.py) and vLLM's bundle
+(gpu_harness/vllm_bundle.py: its site goes on PYTHONPATH with the repository, as gpu_harness/box_run.sh
+does, for every child under each triton where `import vllm` works there; else h is missing), optionally runs
 tests/gpu under both tritons while it fills triton's kernel cache from parallel warm-up processes
 (every kernel the timing will launch is compiled there, so compile time stays out of the timed
 processes), then runs one timing child per triton, one after the other, and merges their JSON into
@@ -16,6 +19,9 @@ Variants per shape (all on the same inputs; per-call times in microseconds):
   c:  b + static_fp8_quant(bf16 -> fp8)                       unfused
   d:  torch SDPA bf16 (cuDNN, dense, K/V pre-expanded) + the same quant (prefills of equal lengths)
   ap: a without key/value (every K/V through the paged cache, what a caller without them gets)
+  g:  paged_attention(out=fp8, output_group_scale=column-major [T, Hq], key=, value=)   fused dynamic
+      per-token-group FP8 (group = D), as vLLM's per_token_group_quant_fp8 of the bf16 output
+  h:  b + vLLM's own per_token_group_quant_fp8(column_major_scales=True)   unfused (missing without vLLM)
 Method: a 2 s GEMM warm-up takes the GPU past its idle clocks; per shape, input sets are rotated
 (as many copies as needed to exceed 2x the L2 size, at most 8) so no call hits data the previous
 call left in L2; each variant is warmed, then ROUNDS rounds each time every variant once, in an order
@@ -23,7 +29,9 @@ that rotates per round (interleaved), as a burst of calls between CUDA events (>
 Reported: the median of the round times, spread = (max - min) / median over rounds; rows where any
 variant's spread exceeds 5% are flagged. Perf: TFLOP/s with causal FLOPs (prefill) or GB/s of
 K+V+Q+O moved (decode; the box's device copy reaches ~3.0 TB/s). The fused output is asserted equal,
-byte for byte, to the unfused one (and dense == paged-only) before timing.
+byte for byte, to the unfused one (and dense == paged-only) before timing; g's bytes and scales to
+vLLM's group quant of the same kernel's bf16 output (without vLLM: to its formula with Triton's
+division, tests/gpu/test_group_quant_gpu.py's group_quant_triton_div).
 """
 
 import argparse
@@ -50,6 +58,11 @@ VLLM_ANCHORS = {
 # Plain dense causal Triton attention (contiguous K/V, block pointers, small sweep), same H100 (issue 12).
 DENSE_CEILING = {"3.2": {"prefill 1x4096": 363, "prefill 4x2048": 386, "prefill 8x512": 90, "prefill 1x16384": 4682},
                  "3.6": {"prefill 1x4096": 330, "prefill 4x2048": 348, "prefill 8x512": 76, "prefill 1x16384": 4694}}
+# Upstream vLLM PR's speedups of fused attention + group quant over attention + per_token_group_quant_fp8
+# (our h/g), by shape; decode shapes: GROUP_TARGET_DECODE.
+GROUP_TARGETS = {"prefill 1x128": "1.73x", "prefill 1x512": "1.35x", "prefill 1x1024": "1.08x"}
+GROUP_TARGET_DECODE = "1.02-1.06x"
+VARIANTS = ("a", "b", "c", "d", "ap", "g", "h")
 ROUNDS = 7
 SPREAD_FLAG = 0.05
 
@@ -57,6 +70,9 @@ SPREAD_FLAG = 0.05
 def shapes(quick=False):
     s = [
         # name, q_lens, kv_lens, Hq, Hkv, D
+        ("prefill 1x128", [128], [128], 32, 8, 128),
+        ("prefill 1x512", [512], [512], 32, 8, 128),
+        ("prefill 1x1024", [1024], [1024], 32, 8, 128),
         ("prefill 1x4096", [4096], [4096], 32, 8, 128),
         ("prefill 4x2048", [2048] * 4, [2048] * 4, 32, 8, 128),
         ("prefill 8x512", [512] * 8, [512] * 8, 32, 8, 128),
@@ -96,11 +112,27 @@ SWEEP_DECODE_SHAPES = ("decode b64 ctx2048", "decode b256 ctx1024", "decode b16 
 # ----------------------------------------------------------------------------------------------------
 
 def _imports():
-    global torch, triton, tpa, FP8
+    global torch, triton, tpa, FP8, vllm_group_quant, VLLM_MISSING
     import torch
     import triton
     import vllm_overlay.triton_paged_attention as tpa
     FP8 = torch.float8_e4m3fn
+    try:
+        from vllm.model_executor.layers.quantization.utils.fp8_utils import \
+            per_token_group_quant_fp8 as vllm_group_quant
+        VLLM_MISSING = None
+    except Exception as e:  # noqa: BLE001
+        vllm_group_quant, VLLM_MISSING = None, f"{type(e).__name__}: {str(e)[:150]}"
+
+
+def group_quant_ref(x, group):
+    """Column-major group quant of x [T, K] to compare g with: vLLM's kernel, else its formula with
+    Triton's division (the oracle of tests/gpu/test_group_quant_gpu.py)."""
+    if vllm_group_quant is not None:
+        return vllm_group_quant(x, group, dtype=FP8, column_major_scales=True)
+    sys.path.insert(0, str(_ROOT / "tests/gpu"))
+    from test_group_quant_gpu import group_quant_triton_div
+    return group_quant_triton_div(x, group, column_major=True)
 
 
 def build(q_lens, kv_lens, Hq, Hkv, D, bs, dtype=None, seed=0):
@@ -123,7 +155,8 @@ def build(q_lens, kv_lens, Hq, Hkv, D, bs, dtype=None, seed=0):
     key, value = kc[blk, pos % bs].contiguous(), vc[blk, pos % bs].contiguous()
     return dict(q=q, kc=kc, vc=vc, qsl=qsl, sl=sl, bt=bt, key=key, value=value,
                 out8=torch.empty(q.shape, device="cuda", dtype=FP8), out_bf=torch.empty_like(q),
-                out8_unf=torch.empty(q.shape, device="cuda", dtype=FP8))
+                out8_unf=torch.empty(q.shape, device="cuda", dtype=FP8),
+                gs=torch.empty(Hq, T, device="cuda", dtype=torch.float32).t())  # column-major [T, Hq]
 
 
 def set_bytes(s):
@@ -133,7 +166,7 @@ def set_bytes(s):
 def make_fns(sets, q_lens, kv_lens, D, scale):
     """Variant name -> callable that runs on the next input set (rotation)."""
     meta = (max(q_lens), max(kv_lens), 1.0 / math.sqrt(D))
-    state = {k: 0 for k in ("a", "b", "c", "ap", "bp")}
+    state = {k: 0 for k in ("a", "b", "c", "ap", "bp", "g", "h")}
 
     def nxt(k):
         i = state[k]
@@ -166,7 +199,22 @@ def make_fns(sets, q_lens, kv_lens, D, scale):
         s = nxt("bp")
         tpa.paged_attention(s["q"], s["kc"], s["vc"], s["out_bf"], s["qsl"], s["sl"], s["bt"], *meta)
 
-    return {"a": fa, "b": fb, "c": fc, "ap": fap, "bp": fbp}
+    def fg():
+        s = nxt("g")
+        tpa.paged_attention(s["q"], s["kc"], s["vc"], s["out8"], s["qsl"], s["sl"], s["bt"], *meta,
+                            key=s["key"], value=s["value"], output_group_scale=s["gs"])
+
+    def fh():
+        s = nxt("h")
+        tpa.paged_attention(s["q"], s["kc"], s["vc"], s["out_bf"], s["qsl"], s["sl"], s["bt"], *meta,
+                            key=s["key"], value=s["value"])
+        T = s["q"].shape[0]
+        vllm_group_quant(s["out_bf"].view(T, -1), D, dtype=FP8, column_major_scales=True)
+
+    fns = {"a": fa, "b": fb, "c": fc, "ap": fap, "bp": fbp, "g": fg}
+    if vllm_group_quant is not None:
+        fns["h"] = fh
+    return fns
 
 
 def sdpa_fn(q_lens, kv_lens, Hq, D, scale, n_sets):
@@ -278,7 +326,7 @@ def n_sets_for(one_set_bytes):
     return int(min(8, max(2, math.ceil(2 * l2 / max(one_set_bytes, 1)))))
 
 
-def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variants=("a", "b", "c", "d", "ap")):
+def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variants=VARIANTS):
     s0 = build(q_lens, kv_lens, Hq, Hkv, D, bs)
     n_sets = 1 if warm_only else n_sets_for(set_bytes(s0))
     sets = [s0] + [build(q_lens, kv_lens, Hq, Hkv, D, bs, seed=i + 1) for i in range(n_sets - 1)]
@@ -292,9 +340,10 @@ def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variant
         for _ in range(n_sets):
             f()
     torch.cuda.synchronize()
-    if not warm_only:
-        s = sets[0]
-        meta = (s["qsl"], s["sl"], s["bt"], max(q_lens), max(kv_lens), 1.0 / math.sqrt(D))
+    s = sets[0]
+    T = s["q"].shape[0]
+    meta = (s["qsl"], s["sl"], s["bt"], max(q_lens), max(kv_lens), 1.0 / math.sqrt(D))
+    if not warm_only and {"a", "c", "ap"} & set(fns):
         o8, obf, o8u, o8p = (torch.empty_like(s["out8"]), torch.empty_like(s["out_bf"]),
                              torch.empty_like(s["out8"]), torch.empty_like(s["out8"]))
         tpa.paged_attention(s["q"], s["kc"], s["vc"], o8, *meta, output_scale=scale, key=s["key"], value=s["value"])
@@ -304,6 +353,17 @@ def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variant
         torch.cuda.synchronize()
         assert torch.equal(o8.view(torch.uint8), o8u.view(torch.uint8)), f"{name}: fused != unfused"
         assert torch.equal(o8.view(torch.uint8), o8p.view(torch.uint8)), f"{name}: dense != paged-only"
+    if not warm_only and {"g", "h"} & set(fns):
+        o8, obf = torch.empty_like(s["out8"]), torch.empty_like(s["out_bf"])
+        gs = torch.empty(Hq, T, device="cuda", dtype=torch.float32).t()
+        tpa.paged_attention(s["q"], s["kc"], s["vc"], o8, *meta, key=s["key"], value=s["value"],
+                            output_group_scale=gs)
+        tpa.paged_attention(s["q"], s["kc"], s["vc"], obf, *meta, key=s["key"], value=s["value"])
+        rq, rs = group_quant_ref(obf.view(T, -1), D)
+        torch.cuda.synchronize()
+        assert torch.equal(gs, rs), f"{name}: g scales != group quant of own bf16 ({int((gs != rs).sum())} differ)"
+        assert torch.equal(o8.view(T, -1).view(torch.uint8), rq.view(torch.uint8)), \
+            f"{name}: g bytes != group quant of own bf16"
     sd = None
     if "d" in variants and bs == 16:
         sd = sdpa_fn(q_lens, kv_lens, Hq, D, scale, n_sets)
@@ -316,6 +376,7 @@ def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variant
     del sets, fns
     torch.cuda.empty_cache()
     return dict(name=name, bs=bs, D=D, decode=max(q_lens) == 1, flops=fl, bytes=by, n_sets=n_sets,
+                group_ref="Triton-division oracle" if vllm_group_quant is None else "vLLM per_token_group_quant_fp8",
                 sdpa=sd[1] if sd else "-", t={k: v[0] for k, v in res.items()},
                 mode={k: v[3] for k, v in res.items()},
                 spread={k: v[1] for k, v in res.items()}, rounds={k: v[2] for k, v in res.items()})
@@ -442,17 +503,22 @@ def child(args):
         ncu_probe()
         return
     fam = "3.2" if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 3) else "3.6"
+    variants = args.variants.split(",")
+    if "h" in variants and vllm_group_quant is None:
+        print(f"[{triton.__version__}] h missing: vLLM's per_token_group_quant_fp8 not importable ({VLLM_MISSING})",
+              flush=True)
     if args.warm_only:
         i, n = (int(x) for x in args.shard.split("/"))
         jobs = [s for s in shapes(args.quick) if _want(s[0], args.shapes)]
         for j, sh in enumerate(jobs):
             if j % n == i:
-                run_shape(*sh, warm_only=True)
+                run_shape(*sh, warm_only=True, variants=variants)
         if args.sweep:
             run_sweep(warm_only=True, shard=(i, n))
         return
     out = dict(triton=triton.__version__, torch=torch.__version__, family=fam, device=torch.cuda.get_device_name(),
-               date=str(datetime.date.today()), rows=[], sweep=[], report={})
+               date=str(datetime.date.today()), rows=[], sweep=[], report={}, variants=variants,
+               vllm_missing=VLLM_MISSING)
     gpu_warmup(2.0)
     # standalone quant, 4096x4096 bf16
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
@@ -470,11 +536,12 @@ def child(args):
         if not _want(sh[0], args.shapes):
             continue
         gpu_warmup(0.2)
-        r = run_shape(*sh)
+        r = run_shape(*sh, variants=variants)
         out["rows"].append(r)
         t, sp = r["t"], r["spread"]
         print(f"[{triton.__version__}] {r['name']:34s} " + " ".join(f"{k}={t[k]:.1f}({sp[k]*100:.1f}%)" for k in t)
-              + f" c/a={t['c']/t['a']:.3f} a/b={t['a']/t['b']:.3f}", flush=True)
+              + " " + " ".join(f"{x}/{y}={t[x] / t[y]:.3f}" for x, y in (("c", "a"), ("a", "b"), ("h", "g"), ("g", "b"))
+                               if x in t and y in t), flush=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
 
 
@@ -486,11 +553,27 @@ def _want(name, filt):
 # parent side: bundle, tests, warm-up processes, timing children, merged table
 # ----------------------------------------------------------------------------------------------------
 
-def _env_for(fam, tdir):
+def _env_for(fam, tdir, vllm_site=None):
+    """Child environment: triton 3.2's bundle first for "3.2"; vLLM's bundle site and the repository
+    (its vllm/_C.py stand-in imports gpu_harness) next when given, as gpu_harness/box_run.sh sets them."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if fam == "3.2":
-        env["PYTHONPATH"] = str(tdir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    front = ([str(tdir)] if fam == "3.2" else []) + ([str(vllm_site), str(_ROOT)] if vllm_site else [])
+    if front:
+        env["PYTHONPATH"] = os.pathsep.join(front + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
+
+
+def _us(t, k, suffix=""):
+    return f"{t[k]:.1f}{suffix}" if k in t else "-"
+
+
+def _ratio(t, x, y):
+    return f"{t[x] / t[y]:.3f}" if x in t and y in t else "-"
+
+
+def _spreads(sp, keys):
+    have = [k for k in keys if k in sp]
+    return ("/".join(f"{sp[k] * 100:.1f}" for k in have) + "%") if have else "-", max([sp[k] for k in have] or [0])
 
 
 def fmt_tables(results):
@@ -500,27 +583,56 @@ def fmt_tables(results):
         anchors, ceil = VLLM_ANCHORS[fam], DENSE_CEILING[fam]
         md.append(f"### triton {res['triton']} ({res['device']}, torch {res['torch']}, {res['date']})\n")
         md.append(f"Standalone static quant 4096x4096 bf16: {res['quant_us']:.1f} us.\n")
+        rows = [r for r in res["rows"] if {"a", "c", "d", "ap"} & set(r["t"])]  # static-scale variants timed
         md.append("| shape | D | a fused | b bf16 | c b+quant | d cuDNN+quant | ap fused paged-only | a eager | perf a "
                   "| c/a | a/b | d/a | a / dense ceiling | vLLM 0.8.5 (vs b) | spread a/b/c | flag |")
         md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in res["rows"]:
+        if not rows:
+            md[-2:] = []
+        for r in rows:
             t, sp = r["t"], r["spread"]
-            a = t["a"]
-            perf = f"{r['bytes'] / a * 1e-3:.0f} GB/s" if r["decode"] else f"{r['flops'] / a * 1e-6:.0f} TF/s"
-            d = t.get("d")
+            perf = "-"
+            if "a" in t:
+                perf = (f"{r['bytes'] / t['a'] * 1e-3:.0f} GB/s" if r["decode"]
+                        else f"{r['flops'] / t['a'] * 1e-6:.0f} TF/s")
             v = anchors.get(r["name"])
             c = ceil.get(r["name"])
-            msp = max(v_ for k_, v_ in sp.items() if not k_.endswith("_eager"))
             dmode = "" if r.get("mode", {}).get("d", "graph") == "graph" else " (eager)"
-            spr = "/".join(f"{sp[k] * 100:.1f}" for k in ("a", "b", "c")) + "%"
+            spr, _ = _spreads(sp, ("a", "b", "c"))
+            _, msp = _spreads(sp, ("a", "b", "c", "d", "ap"))
             md.append(
-                f"| {r['name']} | {r['D']} | {a:.1f} | {t['b']:.1f} | {t['c']:.1f} | "
-                f"{f'{d:.1f}{dmode}' if d else '-'} | {t['ap']:.1f} | {t.get('a_eager', float('nan')):.1f} | {perf} | "
-                f"{t['c'] / a:.3f} | {a / t['b']:.3f} | "
-                f"{f'{d / a:.3f}' if d else '-'} | {f'{a / c:.2f} ({c})' if c else '-'} | "
-                f"{f'{v} ({v / t[chr(98)]:.2f}x)' if v else '-'} | {spr} | "
+                f"| {r['name']} | {r['D']} | {_us(t, 'a')} | {_us(t, 'b')} | {_us(t, 'c')} | {_us(t, 'd', dmode)} | "
+                f"{_us(t, 'ap')} | {_us(t, 'a_eager')} | {perf} | {_ratio(t, 'c', 'a')} | {_ratio(t, 'a', 'b')} | "
+                f"{_ratio(t, 'd', 'a')} | {f'{t[chr(97)] / c:.2f} ({c})' if c and 'a' in t else '-'} | "
+                f"{f'{v} ({v / t[chr(98)]:.2f}x)' if v and 'b' in t else '-'} | {spr} | "
                 f"{'SPREAD>5%' if msp > SPREAD_FLAG else ''} |")
         md.append("")
+        md.append(fmt_group_table(res))
+    return "\n".join(md)
+
+
+def fmt_group_table(res):
+    """g (fused group FP8) vs b (bf16 out) vs h (b + vLLM's per_token_group_quant_fp8), with the
+    upstream vLLM PR's h/g where it gives one."""
+    rows = [r for r in res["rows"] if {"g", "h"} & set(r["t"])]
+    if not rows:
+        return ""
+    md = [f"### group FP8 (per token, group = D, column-major scales), triton {res['triton']}\n"]
+    if res.get("vllm_missing") and "h" in res.get("variants", ()):
+        md.append(f"h missing: vLLM's per_token_group_quant_fp8 did not import in this child "
+                  f"({res['vllm_missing']}); only g and b are timed.\n")
+    md.append(f"g checked byte-equal to {rows[0].get('group_ref', '?')} of the kernel's own bf16 output.\n")
+    md.append("| shape | D | g fused | b bf16 | h b+vLLM group quant | h/g | g/b | upstream PR target h/g "
+              "| spread g/b/h | flag |")
+    md.append("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t, sp = r["t"], r["spread"]
+        target = GROUP_TARGETS.get(r["name"], GROUP_TARGET_DECODE if r["decode"] else "-")
+        spr, msp = _spreads(sp, ("g", "b", "h"))
+        md.append(f"| {r['name']} | {r['D']} | {_us(t, 'g')} | {_us(t, 'b')} | "
+                  f"{_us(t, 'h') if 'h' in t else 'missing'} | {_ratio(t, 'h', 'g')} | {_ratio(t, 'g', 'b')} | "
+                  f"{target} | {spr} | {'SPREAD>5%' if msp > SPREAD_FLAG else ''} |")
+    md.append("")
     return "\n".join(md)
 
 
@@ -541,6 +653,36 @@ def fmt_sweep(results):
     return "\n".join(md)
 
 
+def vllm_sites(bundle, fams, tdir):
+    """fam -> vLLM bundle site for the children, or None: unpacked once (gpu_harness/vllm_bundle.py, as
+    box_run.sh does), then kept only for the tritons under which the kernel module and vLLM's group
+    quant import with it (importing the kernel package installs the overlay into an importable vLLM)."""
+    sites = dict.fromkeys(fams)
+    tar = Path(bundle or "") / "vllm-0.8.5.post1.tar.xz"
+    if not bundle or not tar.exists():
+        print(f"note: no vLLM bundle ({tar}): h (b + vLLM's group quant) and the vLLM test are skipped", flush=True)
+        return sites
+    r = subprocess.run([sys.executable, str(_ROOT / "gpu_harness/vllm_bundle.py"), "unpack", "--bundle", bundle],
+                       cwd=_ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"note: vLLM bundle unpack failed (rc {r.returncode}): {r.stderr.strip()[-300:]}", flush=True)
+        return sites
+    site = r.stdout.strip().splitlines()[-1]
+    probe = ("import vllm_overlay.triton_paged_attention; "
+             "from vllm.model_executor.layers.quantization.utils.fp8_utils import per_token_group_quant_fp8")
+    procs = {fam: subprocess.Popen([sys.executable, "-c", probe], cwd=_ROOT, env=_env_for(fam, tdir, site),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for fam in fams}
+    for fam, p in procs.items():
+        log = p.communicate()[0]
+        if p.returncode == 0:
+            sites[fam] = site
+            print(f"vLLM bundle site {site} on PYTHONPATH for triton {fam}", flush=True)
+        else:
+            print(f"note: with the vLLM site, triton {fam} fails to import vLLM / the kernel (rc {p.returncode}); "
+                  f"left off there:\n{log.strip()[-600:]}", flush=True)
+    return sites
+
+
 def parent(args):
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -549,25 +691,27 @@ def parent(args):
     if "3.2" in fams:
         subprocess.run([sys.executable, str(_ROOT / "gpu_harness/triton_bundle.py"), "unpack", args.bundle,
                         "--dest", str(tdir)], check=True)
+    sites = vllm_sites(args.vllm_bundle, fams, tdir)
     me = [sys.executable, str(Path(__file__).resolve())]
     common = (["--quick"] if args.quick else []) + (["--sweep"] if args.sweep else []) + \
-        (["--shapes", args.shapes] if args.shapes else [])
+        (["--shapes", args.shapes] if args.shapes else []) + ["--variants", args.variants]
     t0 = time.time()
     procs = []
     if args.tests:
         for fam in fams:
             for i in range(args.test_shards):
                 log = open(out_dir / f"tests_{fam}_{i}.log", "w")
-                env = dict(_env_for(fam, tdir), GPU_TEST_SHARD=f"{i}/{args.test_shards}")
+                env = dict(_env_for(fam, tdir, sites[fam]), GPU_TEST_SHARD=f"{i}/{args.test_shards}")
                 procs.append((f"tests {fam} shard {i}", subprocess.Popen(
-                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"], cwd=_ROOT,
+                    [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/gpu"], cwd=_ROOT,
                     env=env, stdout=log, stderr=subprocess.STDOUT), log))
     n = args.warm_procs
     for fam in fams:
         for i in range(n):
             log = open(out_dir / f"warm_{fam}_{i}.log", "w")
             procs.append((f"warm {fam} {i}", subprocess.Popen(
-                me + ["--child", "--warm-only", "--shard", f"{i}/{n}"] + common, cwd=_ROOT, env=_env_for(fam, tdir),
+                me + ["--child", "--warm-only", "--shard", f"{i}/{n}"] + common, cwd=_ROOT,
+                env=_env_for(fam, tdir, sites[fam]),
                 stdout=log, stderr=subprocess.STDOUT), log))
     for nm, p, log in procs:
         rc = p.wait()
@@ -585,7 +729,7 @@ def parent(args):
     for fam in fams:
         js = out_dir / f"result_{fam}.json"
         rc = subprocess.run(me + ["--child", "--json", str(js)] + common + (["--report"] if args.report else []),
-                            cwd=_ROOT, env=_env_for(fam, tdir)).returncode
+                            cwd=_ROOT, env=_env_for(fam, tdir, sites[fam])).returncode
         print(f"timing {fam}: rc={rc} ({time.time() - t0:.0f} s)", flush=True)
         if js.exists():
             results.append(json.loads(js.read_text()))
@@ -596,7 +740,7 @@ def parent(args):
                 f.flush()
                 subprocess.run(["ncu", "--clock-control", "none", "--profile-from-start", "off",
                                 "-k", "regex:_paged_attn_fwd", "--metrics", NCU_METRICS, "--csv"]
-                               + me + ["--child", "--ncu-probe"], cwd=_ROOT, env=_env_for(fam, tdir),
+                               + me + ["--child", "--ncu-probe"], cwd=_ROOT, env=_env_for(fam, tdir, sites[fam]),
                                stdout=f, stderr=subprocess.STDOUT, timeout=240)
         print((out_dir / "ncu.txt").read_text()[-6000:], flush=True)
     with open(out_dir / "tests.log", "w") as w:
@@ -625,7 +769,8 @@ def _plot(results, out_dir):
         w = 0.2
         for i, (k, lab) in enumerate((("a", "fused fp8"), ("b", "bf16 out"), ("c", "bf16 + quant"),
                                       ("d", "cuDNN + quant"))):
-            ax.bar([x + (i - 1.5) * w for x in xs], [r["t"].get(k, float("nan")) / r["t"]["a"] for r in rows], w,
+            nan = float("nan")
+            ax.bar([x + (i - 1.5) * w for x in xs], [r["t"].get(k, nan) / r["t"].get("a", nan) for r in rows], w,
                    label=lab)
         ax.set_xticks(list(xs))
         ax.set_xticklabels([r["name"] for r in rows], rotation=30, ha="right", fontsize=7)
@@ -647,8 +792,12 @@ def main():
     ap.add_argument("--report", action="store_true", help="compile reports (registers, spills, asm counts)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset of a,b,c,d,ap,g,h to time (default all)")
+    ap.add_argument("--vllm-bundle", default=str(_ROOT / ".gpu_bundle/vllm085"),
+                    help="vLLM bundle dir (gpu_harness/vllm_bundle.py) for h and the vLLM test; '' = none")
     ap.add_argument("--warm-procs", type=int, default=6)
-    ap.add_argument("--test-shards", type=int, default=3)
+    ap.add_argument("--test-shards", type=int, default=4)
     ap.add_argument("--ncu", action="store_true", help="ncu metrics of fused vs bf16 prefill under each triton")
     ap.add_argument("--ncu-probe", action="store_true")
     ap.add_argument("--child", action="store_true")
