@@ -16,7 +16,9 @@ in the tests.  Pure torch, any device::
 With ``define=True`` (the GPU box, through ``gpu_harness/box.py``) also:
 ``weak_ref_tensor`` (a non-owning CUDA view), the ``cutlass_scaled_mm_supports_*``
 capability queries, and schema-only entries for ops vLLM reads at import but
-never calls here (``rms_norm`` & co.).  On CUDA tensors two kernels take a
+never calls here (the fused norm + quant ops).  The layers' own custom ops
+(``rms_norm``, ``fused_add_rms_norm``, ``silu_and_mul``,
+``rotary_embedding``) are served everywhere: V0 calls them.  On CUDA tensors two kernels take a
 fast path: ``cutlass_scaled_mm`` with per-tensor scales -> ``torch._scaled_mm``,
 ``static_scaled_fp8_quant`` -> the overlay's Triton quant kernel, so the
 unfused path is not penalised by a slow torch quant.  Keep the returned
@@ -54,15 +56,20 @@ SCHEMAS = {
         "(int cuda_device_capability) -> bool",
     "_C::cutlass_scaled_mm_supports_block_fp8":
         "(int cuda_device_capability) -> bool",
-    # Schema only (no kernel): vLLM reads these ops at import
-    # (compilation/fusion.py, fix_functionalization.py,
-    # sequence_parallelism.py); V1 compiles with custom_ops=["none"], so
-    # the models run their torch-native forms and never call them.
+    # The custom ops of the layers: V1 compiles with custom_ops=["none"]
+    # (the models run their torch-native forms), V0 calls them.
     "_C::rms_norm":
         "(Tensor($0! -> ) result, Tensor input, Tensor weight, float epsilon) -> ()",
     "_C::fused_add_rms_norm":
         "(Tensor($0! -> ) input, Tensor($1! -> ) residual, Tensor weight, "
         "float epsilon) -> ()",
+    "_C::silu_and_mul": "(Tensor($0! -> ) out, Tensor input) -> ()",
+    "_C::rotary_embedding":
+        "(Tensor positions, Tensor($0! -> ) query, Tensor($1! -> ) key, "
+        "int head_size, Tensor cos_sin_cache, bool is_neox) -> ()",
+    # Schema only (no kernel): vLLM reads these ops at import
+    # (compilation/fusion.py, fix_functionalization.py,
+    # sequence_parallelism.py) and never calls them here.
     "_C::rms_norm_static_fp8_quant":
         "(Tensor($0! -> ) result, Tensor input, Tensor weight, Tensor scale, "
         "float epsilon) -> ()",
@@ -73,10 +80,6 @@ SCHEMAS = {
         "(Tensor($0! -> ) result, Tensor input, Tensor weight, "
         "Tensor($1! -> ) scale, float epsilon, Tensor? scale_ub, "
         "Tensor($2! -> )? residual) -> ()",
-    "_C::silu_and_mul": "(Tensor($0! -> ) out, Tensor input) -> ()",
-    "_C::rotary_embedding":
-        "(Tensor positions, Tensor($0! -> ) query, Tensor($1! -> ) key, "
-        "int head_size, Tensor cos_sin_cache, bool is_neox) -> ()",
 }
 
 
@@ -238,6 +241,50 @@ def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
             raise ValueError(f"stand-in: unsupported kv_cache_dtype {kv_cache_dtype}")
 
 
+def rms_norm(result, input, weight, epsilon):
+    """csrc/layernorm_kernels.cu: variance in fp32, ``(scalar_t)(x * r) * w``."""
+    x = input.to(torch.float32)
+    r = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + epsilon)
+    result.copy_((x * r).to(input.dtype) * weight)
+
+
+def fused_add_rms_norm(input, residual, weight, epsilon):
+    """In place: residual = input + residual (in the input dtype), input =
+    rms_norm(residual)."""
+    residual.copy_(input + residual)
+    rms_norm(input, residual, weight, epsilon)
+
+
+def silu_and_mul(out, input):
+    """csrc/activation_kernels.cu: ``(scalar_t)silu(fp32 x) * y`` for input
+    [..., 2d] = [x | y]."""
+    d = input.shape[-1] // 2
+    x = input[..., :d].to(torch.float32)
+    out.copy_((x / (1.0 + torch.exp(-x))).to(input.dtype) * input[..., d:])
+
+
+def rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox):
+    """csrc/pos_encoding_kernels.cu, in place on query/key [T, H * head_size]
+    (or [T, H, head_size]): the first ``rot_dim`` = cos_sin_cache.shape[-1]
+    dims of each head rotate by (cos | sin) = cos_sin_cache[position];
+    NeoX pairs (i, i + rot_dim / 2), GPT-J pairs (2i, 2i + 1).  fp32
+    arithmetic, rounded once."""
+    rot = cos_sin_cache.shape[-1]
+    cos, sin = cos_sin_cache[positions.flatten().long()].to(torch.float32).chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    for x in (query, key):
+        heads = x.view(positions.numel(), -1, head_size)
+        r = heads[..., :rot].to(torch.float32)
+        if is_neox:
+            x1, x2 = r[..., :rot // 2], r[..., rot // 2:]
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = r[..., 0::2], r[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin),
+                              dim=-1).flatten(-2)
+        heads[..., :rot] = out.to(x.dtype)
+
+
 def weak_ref_tensor(input):
     """A tensor on ``input``'s memory that does not keep it alive (vLLM's
     C++ op wraps the data pointer without an owner).  CUDA: through
@@ -277,6 +324,10 @@ KERNELS = {
     "_C::dynamic_per_token_scaled_fp8_quant": dynamic_per_token_scaled_fp8_quant,
     "_C::cutlass_scaled_mm": cutlass_scaled_mm,
     "_C_cache_ops::reshape_and_cache_flash": reshape_and_cache_flash,
+    "_C::rms_norm": rms_norm,
+    "_C::fused_add_rms_norm": fused_add_rms_norm,
+    "_C::silu_and_mul": silu_and_mul,
+    "_C::rotary_embedding": rotary_embedding,
 }
 
 # Registered only with ``define=True`` (no _C): where _C exists its own

@@ -114,3 +114,67 @@ def test_reshape_and_cache_flash(kv_dtype):
         untouched = torch.ones(64, dtype=torch.bool)
         untouched[slots[slots >= 0]] = False
         assert torch.equal(flat[untouched], old[untouched])
+
+
+def _bf16_close(got, ref64, steps=2):
+    """Within ``steps`` bf16 rounding steps of the float64 reference (the
+    kernels round intermediate results to bf16 as the CUDA kernels do)."""
+    tol = steps * 2.0 ** -8 * ref64.abs() + 1e-6
+    assert ((got.double() - ref64).abs() <= tol).all()
+
+
+def test_rms_norm_and_fused_add():
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(7, 96, generator=g) * 3).to(torch.bfloat16)
+    res = torch.randn(7, 96, generator=g).to(torch.bfloat16)
+    w = (torch.rand(96, generator=g) + 0.5).to(torch.bfloat16)
+    out = torch.full_like(x, float("nan"))
+    stand_ins.rms_norm(out, x, w, 1e-6)
+    x64 = x.double()
+    ref = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    _bf16_close(out, ref)
+    inp, r = x.clone(), res.clone()
+    stand_ins.fused_add_rms_norm(inp, r, w, 1e-6)
+    z = (x + res).double()          # the kernel's residual is rounded to bf16
+    assert torch.equal(r, (x.float() + res.float()).to(torch.bfloat16))
+    _bf16_close(inp, z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double())
+
+
+def test_silu_and_mul():
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(5, 2 * 48, generator=g) * 4).to(torch.bfloat16)
+    out = torch.full((5, 48), float("nan"), dtype=torch.bfloat16)
+    stand_ins.silu_and_mul(out, x)
+    a, b = x[:, :48].double(), x[:, 48:].double()
+    _bf16_close(out, a / (1 + torch.exp(-a)) * b)
+
+
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+def test_rotary_embedding(is_neox):
+    """In place on strided views of one qkv tensor (as the layers pass
+    them), partial rotary dim, positions out of order."""
+    g = torch.Generator().manual_seed(7)
+    T, Hq, Hk, hs, rot = 6, 4, 2, 32, 16
+    qkv = torch.randn(T, (Hq + 2 * Hk) * hs, generator=g).to(torch.bfloat16)
+    q, k = qkv[:, :Hq * hs], qkv[:, Hq * hs:(Hq + Hk) * hs]
+    q0, k0, v0 = q.clone(), k.clone(), qkv[:, (Hq + Hk) * hs:].clone()
+    pos = torch.tensor([5, 0, 9, 3, 3, 1])
+    angle = torch.rand(12, rot // 2, generator=g, dtype=torch.float64) * 6
+    cache = torch.cat((angle.cos(), angle.sin()), -1).to(torch.bfloat16)
+    stand_ins.rotary_embedding(pos, q, k, hs, cache, is_neox)
+    cos, sin = cache.double()[pos].chunk(2, -1)
+    for got, old, H in ((q, q0, Hq), (k, k0, Hk)):
+        h = old.double().view(T, H, hs)
+        r = h[..., :rot]
+        if is_neox:
+            x1, x2 = r[..., :rot // 2], r[..., rot // 2:]
+        else:
+            x1, x2 = r[..., 0::2], r[..., 1::2]
+        o1 = x1 * cos[:, None] - x2 * sin[:, None]
+        o2 = x2 * cos[:, None] + x1 * sin[:, None]
+        rot_ref = torch.cat((o1, o2), -1) if is_neox else \
+            torch.stack((o1, o2), -1).flatten(-2)
+        got = got.view(T, H, hs)
+        _bf16_close(got[..., :rot], rot_ref, steps=4)
+        assert torch.equal(got[..., rot:], old.view(T, H, hs)[..., rot:])
+    assert torch.equal(qkv[:, (Hq + Hk) * hs:], v0)       # value untouched
