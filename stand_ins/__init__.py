@@ -341,6 +341,10 @@ ANY_DEVICE_KERNELS = {
 }
 
 
+def _writes_only(*args, **kwargs):
+    """Meta kernel of an op that returns nothing and writes its outputs."""
+
+
 def definable(schema):
     """``Tensor($0! -> )`` (how the dispatcher prints a written alias set)
     as ``Tensor(a0!)`` (how ``Library.define`` reads it)."""
@@ -373,6 +377,11 @@ def register(dispatch_key, define=False):
         ns, name = qualified.split("::")
         if define:
             lib(ns).define(name + definable(SCHEMAS[qualified]))
+            # They only write their arguments: under torch.compile's fake
+            # tensors a no-op, not a run of the kernel on made-up inputs
+            # (FakeTensor's fallback; its sizes need not broadcast).
+            assert SCHEMAS[qualified].endswith("-> ()"), qualified
+            lib(ns).impl(name, _writes_only, "Meta")
         lib(ns).impl(name, kernel, dispatch_key)
     if define:
         for qualified, schema in SCHEMAS.items():
