@@ -14,11 +14,10 @@ in the tests.  Pure torch, any device::
     stand_ins.register("CUDA", define=True)             # no _C: define too
 
 With ``define=True`` (the GPU box, through ``gpu_harness/box.py``) also:
-``weak_ref_tensor`` (a non-owning CUDA view), the ``cutlass_scaled_mm_supports_*``
-capability queries, and schema-only entries for ops vLLM reads at import but
-never calls here (the fused norm + quant ops).  The layers' own custom ops
-(``rms_norm``, ``fused_add_rms_norm``, ``silu_and_mul``,
-``rotary_embedding``) are served everywhere: V0 calls them.  On CUDA tensors two kernels take a
+``weak_ref_tensor`` (a non-owning CUDA view) and the
+``cutlass_scaled_mm_supports_*`` capability queries.  The layers' own custom ops (``rms_norm``,
+``fused_add_rms_norm``, ``silu_and_mul``, ``rotary_embedding``) and vLLM's
+fused norm + quant ops are served everywhere: V0 -O 3 calls them.  On CUDA tensors two kernels take a
 fast path: ``cutlass_scaled_mm`` with per-tensor scales -> ``torch._scaled_mm``,
 ``static_scaled_fp8_quant`` -> the overlay's Triton quant kernel, so the
 unfused path is not penalised by a slow torch quant.  Keep the returned
@@ -56,8 +55,9 @@ SCHEMAS = {
         "(int cuda_device_capability) -> bool",
     "_C::cutlass_scaled_mm_supports_block_fp8":
         "(int cuda_device_capability) -> bool",
-    # The custom ops of the layers: V1 compiles with custom_ops=["none"]
-    # (the models run their torch-native forms), V0 calls them.
+    # The layers' custom ops and vLLM's fused norm + quant ops: V1 compiles
+    # with custom_ops=["none"] (the models run their torch-native forms),
+    # V0 -O 3 calls them.
     "_C::rms_norm":
         "(Tensor($0! -> ) result, Tensor input, Tensor weight, float epsilon) -> ()",
     "_C::fused_add_rms_norm":
@@ -67,9 +67,7 @@ SCHEMAS = {
     "_C::rotary_embedding":
         "(Tensor positions, Tensor($0! -> ) query, Tensor($1! -> ) key, "
         "int head_size, Tensor cos_sin_cache, bool is_neox) -> ()",
-    # Schema only (no kernel): vLLM reads these ops at import
-    # (compilation/fusion.py, fix_functionalization.py,
-    # sequence_parallelism.py) and never calls them here.
+    # vLLM's RMSNorm + quant fusion pass (on in V0 -O 3) rewrites to these.
     "_C::rms_norm_static_fp8_quant":
         "(Tensor($0! -> ) result, Tensor input, Tensor weight, Tensor scale, "
         "float epsilon) -> ()",
@@ -241,11 +239,19 @@ def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
             raise ValueError(f"stand-in: unsupported kv_cache_dtype {kv_cache_dtype}")
 
 
-def rms_norm(result, input, weight, epsilon):
-    """csrc/layernorm_kernels.cu: variance in fp32, ``(scalar_t)(x * r) * w``."""
-    x = input.to(torch.float32)
+def _rms_normed(x, weight, epsilon, dtype):
+    """csrc/layernorm_kernels.cu: fp32 variance over the last dim of ``x``
+    (fp32), ``(scalar_t)(x * r) * weight[i]``.  Like the kernel, reads
+    ``weight[0:hidden]`` without checking its shape: vLLM's pattern
+    tracing (compilation/fusion.py) calls these ops on placeholder tensors
+    of unrelated shapes."""
+    hidden = x.shape[-1]
     r = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + epsilon)
-    result.copy_((x * r).to(input.dtype) * weight)
+    return (x * r).to(dtype) * weight.reshape(-1)[:hidden].to(dtype)
+
+
+def rms_norm(result, input, weight, epsilon):
+    result.copy_(_rms_normed(input.to(torch.float32), weight, epsilon, input.dtype))
 
 
 def fused_add_rms_norm(input, residual, weight, epsilon):
@@ -253,6 +259,34 @@ def fused_add_rms_norm(input, residual, weight, epsilon):
     rms_norm(residual)."""
     residual.copy_(input + residual)
     rms_norm(input, residual, weight, epsilon)
+
+
+def rms_norm_static_fp8_quant(result, input, weight, scale, epsilon):
+    """csrc/quantization/fused_kernels: rms_norm, then the static quant of
+    the normed (input dtype) values."""
+    normed = _rms_normed(input.to(torch.float32), weight, epsilon, input.dtype)
+    inv = torch.reciprocal(scale.reshape(-1)[0].to(torch.float32))
+    result.copy_(_to_fp8(normed.to(torch.float32) * inv))
+
+
+def fused_add_rms_norm_static_fp8_quant(result, input, residual, weight,
+                                        scale, epsilon):
+    """residual = input + residual (in place), result = quant(rms_norm(residual))."""
+    residual.copy_(input + residual)
+    rms_norm_static_fp8_quant(result, residual, weight, scale, epsilon)
+
+
+def rms_norm_dynamic_per_token_quant(result, input, weight, scale, epsilon,
+                                     scale_ub, residual):
+    """(residual = input + residual, in place, when given) then per token:
+    s = max(min(amax, ub) / 448, 1 / (448 * 512)) of the normed row, result
+    = fp8(normed / s), scale [T, 1] = s."""
+    x = input
+    if residual is not None:
+        residual.copy_(input + residual)
+        x = residual
+    normed = _rms_normed(x.to(torch.float32), weight, epsilon, x.dtype)
+    dynamic_per_token_scaled_fp8_quant(result, normed, scale, scale_ub)
 
 
 def silu_and_mul(out, input):
@@ -328,6 +362,9 @@ KERNELS = {
     "_C::fused_add_rms_norm": fused_add_rms_norm,
     "_C::silu_and_mul": silu_and_mul,
     "_C::rotary_embedding": rotary_embedding,
+    "_C::rms_norm_static_fp8_quant": rms_norm_static_fp8_quant,
+    "_C::fused_add_rms_norm_static_fp8_quant": fused_add_rms_norm_static_fp8_quant,
+    "_C::rms_norm_dynamic_per_token_quant": rms_norm_dynamic_per_token_quant,
 }
 
 # Registered only with ``define=True`` (no _C): where _C exists its own

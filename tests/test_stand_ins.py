@@ -178,3 +178,37 @@ def test_rotary_embedding(is_neox):
         _bf16_close(got[..., :rot], rot_ref, steps=4)
         assert torch.equal(got[..., rot:], old.view(T, H, hs)[..., rot:])
     assert torch.equal(qkv[:, (Hq + Hk) * hs:], v0)       # value untouched
+
+
+def test_fused_rms_norm_quants():
+    """vLLM's norm + quant fused ops: the norm's bf16 output quantized
+    (static, and dynamic per token with and without residual), against a
+    float64 reference; in-place residual as the unfused pair leaves it."""
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(6, 64, generator=g) * 2).to(torch.bfloat16)
+    res = torch.randn(6, 64, generator=g).to(torch.bfloat16)
+    w = (torch.rand(64, generator=g) + 0.5).to(torch.bfloat16)
+    scale = torch.tensor([0.01])
+
+    def normed64(v):
+        """The norm's bf16 output (the kernels quantize that), via float64."""
+        v = v.double()
+        n = (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+        return (n.double() * w.double()).to(torch.bfloat16).double()
+
+    out = torch.full((6, 64), 0xFF, dtype=torch.uint8).view(FP8)
+    stand_ins.rms_norm_static_fp8_quant(out, x, w, scale, 1e-5)
+    _assert_fp8_close(out, (normed64(x) / 0.01).clamp(-448, 448))
+    r = res.clone()
+    out2 = torch.full((6, 64), 0xFF, dtype=torch.uint8).view(FP8)
+    stand_ins.fused_add_rms_norm_static_fp8_quant(out2, x, r, w, scale, 1e-5)
+    assert torch.equal(r, x + res)
+    _assert_fp8_close(out2, (normed64(x + res) / 0.01).clamp(-448, 448))
+    for residual in (None, res.clone()):
+        out3 = torch.full((6, 64), 0xFF, dtype=torch.uint8).view(FP8)
+        s = torch.full((6, 1), float("nan"))
+        stand_ins.rms_norm_dynamic_per_token_quant(out3, x, w, s, 1e-5, None, residual)
+        n = normed64(x if residual is None else x + res)
+        s_ref = n.abs().amax(-1, keepdim=True) / 448
+        torch.testing.assert_close(s.double(), s_ref, rtol=2 ** -7, atol=0)
+        _assert_fp8_close(out3, n / s.double())
