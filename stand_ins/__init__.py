@@ -116,7 +116,10 @@ def dynamic_per_token_scaled_fp8_quant(result, input, scale, scale_ub):
     if scale_ub is not None:
         amax = torch.minimum(amax, scale_ub.to(torch.float32).reshape(()))
     s = torch.clamp(amax / FP8_MAX, min=MIN_SCALING_FACTOR)
-    scale.copy_(s.reshape(scale.shape))
+    # scale[t] per token, unchecked like the kernel: vLLM's pattern tracing
+    # passes a [1, 1] placeholder for 5 tokens (compilation/fusion.py).
+    n = min(scale.numel(), s.numel())
+    scale.view(-1)[:n] = s.view(-1)[:n]
     result.copy_(_to_fp8(x / s).reshape(result.shape))
 
 
