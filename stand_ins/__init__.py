@@ -226,7 +226,14 @@ def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
                             kv_cache_dtype, k_scale, v_scale):
     """key/value [T, Hkv, D] -> cache[slot // block, slot % block] for
     slot >= 0; cache [num_blocks, block_size, Hkv, D] (uint8 for fp8,
-    storing fp8(x / scale))."""
+    storing fp8(x / scale)).  CUDA, "auto": the kernel in ``cache_copy``
+    (no host synchronisation: it runs inside V0's CUDA graphs)."""
+    if kv_cache_dtype == "auto" and key.is_cuda:
+        from stand_ins import cache_copy
+        if cache_copy.supported(key, key_cache) and cache_copy.supported(value, value_cache):
+            cache_copy.copy_rows_to_slots(key, key_cache, slot_mapping)
+            cache_copy.copy_rows_to_slots(value, value_cache, slot_mapping)
+            return
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     for src, cache, s in ((key, key_cache, k_scale), (value, value_cache, v_scale)):

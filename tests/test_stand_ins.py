@@ -212,3 +212,32 @@ def test_fused_rms_norm_quants():
         s_ref = n.abs().amax(-1, keepdim=True) / 448
         torch.testing.assert_close(s.double(), s_ref, rtol=2 ** -7, atol=0)
         _assert_fp8_close(out3, n / s.double())
+
+
+def test_cache_copy_kernel_equals_torch_form():
+    """stand_ins.cache_copy (the CUDA-graph-safe path, run here by Triton's
+    interpreter) == the torch form: strided key rows (a view of qkv),
+    padding slots (-1), poisoned cache elsewhere untouched."""
+    import os
+    import subprocess
+    import sys
+    code = r'''
+import torch, stand_ins
+from stand_ins import cache_copy
+g = torch.Generator().manual_seed(9)
+qkv = torch.randn(7, 3 * 2 * 16, generator=g).to(torch.bfloat16)
+key = qkv[:, 32:64].view(7, 2, 16)
+slots = torch.tensor([17, 3, -1, 40, 16, 5, -1])
+cache = torch.randn(4, 16, 2, 16, generator=g).to(torch.bfloat16)
+ref = cache.clone()
+assert cache_copy.supported(key, cache)
+cache_copy.copy_rows_to_slots(key, cache, slots)
+stand_ins.reshape_and_cache_flash(key, key, ref, ref.clone(), slots, "auto",
+                                  torch.tensor(1.0), torch.tensor(1.0))
+assert torch.equal(cache, ref)
+print("ok")
+'''
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
