@@ -129,6 +129,14 @@ class Runner:
         prefill_lens = [n for n, d in zip(seq_lens, decodes) if not d]
         decode_lens = [n for n, d in zip(seq_lens, decodes) if d]
         q_lens = v1.query_start_loc.diff()
+        # As V0's builder: without chunked prefill (no chunk on top of a
+        # context in this step) a fresh prompt's block table is empty
+        # (FlashAttention reads its new K/V directly), padded with 0.
+        from vllm.utils import make_tensor_with_pad
+        chunked = any(n > 1 and self.context.get(seq, 0) > 0 for seq, n in step)
+        tables = [self.blocks_of(seq) if chunked or self.context.get(seq, 0) > 0
+                  else [] for seq, _ in step]
+        block_tables = make_tensor_with_pad(tables, pad=0, dtype=torch.int)
         return input_ids, positions, FlashAttentionMetadata(
             num_prefills=len(prefill_lens),
             num_prefill_tokens=sum(n for (_, n), d in zip(step, decodes) if not d),
@@ -139,7 +147,7 @@ class Runner:
             max_prefill_seq_len=max(prefill_lens, default=0),
             max_decode_seq_len=max(decode_lens, default=0),
             context_lens_tensor=v1.seq_lens - q_lens,
-            block_tables=v1.block_table, use_cuda_graph=False,
+            block_tables=block_tables, use_cuda_graph=False,
             max_query_len=v1.max_query_len, max_decode_query_len=1,
             query_start_loc=v1.query_start_loc,
             seq_start_loc=torch.cat([v1.seq_lens.new_zeros(1),

@@ -16,7 +16,8 @@ num_blocks, block_size, Hkv, D]``) with the V1 Triton impl of
     after the pass:             fp8  = unified_attention.output_scale(q, k, v, s)  [T, H*D] fp8
 
 V0 metadata is read as the kernel needs it: ``seq_lens_tensor``,
-``block_tables``, ``query_start_loc`` (built from the batch size for a
+``block_tables`` (for prompts V0 gives none, derived from ``slot_mapping``),
+``query_start_loc`` (built from the batch size for a
 pure-decode batch, as V0's CUDA-graph capture passes none), and
 ``max_seq_len = max(max_prefill_seq_len, max_decode_seq_len)``.  Inside
 V0's decode CUDA graphs the kernel runs with what capture saw: the grid and
@@ -37,18 +38,38 @@ NAME = "TRITON_ATTN_VLLM_V0"
 logger = logging.getLogger("vllm.overlay")
 
 
-def kernel_metadata(m):
+def kernel_metadata(m, block_size):
     """The fields of V1's metadata the impl reads, from V0's ``m``."""
     query_start_loc = m.query_start_loc
     if query_start_loc is None:       # pure decode (V0 CUDA-graph capture)
         query_start_loc = torch.arange(m.seq_lens_tensor.shape[0] + 1,
                                        dtype=torch.int32,
                                        device=m.seq_lens_tensor.device)
+    max_seq_len = max(m.max_prefill_seq_len, m.max_decode_seq_len)
+    block_table = m.block_tables
+    if block_table.shape[-1] == 0:
+        block_table = prompt_block_table(m.slot_mapping, query_start_loc,
+                                         max_seq_len, block_size)
     return types.SimpleNamespace(
         slot_mapping=m.slot_mapping, query_start_loc=query_start_loc,
-        seq_lens=m.seq_lens_tensor, block_table=m.block_tables,
-        max_query_len=m.max_query_len or 1,
-        max_seq_len=max(m.max_prefill_seq_len, m.max_decode_seq_len))
+        seq_lens=m.seq_lens_tensor, block_table=block_table,
+        max_query_len=m.max_query_len or 1, max_seq_len=max_seq_len)
+
+
+def prompt_block_table(slot_mapping, query_start_loc, max_seq_len, block_size):
+    """V0 without chunked prefill or a prefix-cache hit gives prompts an
+    empty block table ``[B, 0]`` (FlashAttention reads their new K/V
+    directly); the kernel reads K/V through the table.  A fresh prompt has
+    no context, so its block j holds its token j * block_size, whose slot
+    was just written: ``table[s, j] = slot_mapping[qsl[s] + j * bs] // bs``.
+    Entries past a sequence's end are never read (clamped, not checked);
+    on the device, no host sync.  Returns int32 [B, ceil(max_seq_len / bs)]."""
+    n = max(1, -(-max_seq_len // block_size))
+    steps = torch.arange(n, device=slot_mapping.device) * block_size
+    idx = query_start_loc[:-1, None].to(torch.int64) + steps
+    idx = idx.clamp(max=slot_mapping.shape[0] - 1)
+    return torch.div(slot_mapping[idx], block_size,
+                     rounding_mode="floor").to(torch.int32)
 
 
 def _classes():
@@ -78,7 +99,8 @@ def _classes():
                 layer, query.view(-1, h, d),
                 key.view(-1, self.num_kv_heads, d),
                 value.view(-1, self.num_kv_heads, d), kv_cache,
-                kernel_metadata(attn_metadata), output=output.view(-1, h, d),
+                kernel_metadata(attn_metadata, kv_cache.shape[2]),
+                output=output.view(-1, h, d),
                 output_scale=output_scale)
             return output
 
