@@ -425,8 +425,8 @@ def register(dispatch_key, define=False):
         if define:
             lib(ns).define(name + definable(SCHEMAS[qualified]))
             # They only write their arguments: under torch.compile's fake
-            # tensors a no-op, not a run of the kernel on made-up inputs
-            # (FakeTensor's fallback; its sizes need not broadcast).
+            # tensors a no-op (without it FakeTensor falls back to running
+            # the kernel on real copies of the fake inputs).
             assert SCHEMAS[qualified].endswith("-> ()"), qualified
             lib(ns).impl(name, _writes_only, "Meta")
         lib(ns).impl(name, kernel, dispatch_key)
