@@ -17,10 +17,12 @@ With ``define=True`` (the GPU box, through ``gpu_harness/box.py``) also:
 ``weak_ref_tensor`` (a non-owning CUDA view) and the
 ``cutlass_scaled_mm_supports_*`` capability queries.  The layers' own custom ops (``rms_norm``,
 ``fused_add_rms_norm``, ``silu_and_mul``, ``rotary_embedding``) and vLLM's
-fused norm + quant ops are served everywhere: V0 -O 3 calls them.  On CUDA tensors two kernels take a
-fast path: ``cutlass_scaled_mm`` with per-tensor scales -> ``torch._scaled_mm``,
-``static_scaled_fp8_quant`` -> the overlay's Triton quant kernel, so the
-unfused path is not penalised by a slow torch quant.  Keep the returned
+fused norm + quant ops are served everywhere: V0 -O 3 calls them.  On CUDA tensors three kernels
+take a fast path: ``cutlass_scaled_mm`` with per-tensor scales -> ``torch._scaled_mm``,
+``static_scaled_fp8_quant`` -> the overlay's Triton quant kernel (so the
+unfused path is not penalised by a slow torch quant), and
+``reshape_and_cache_flash`` of a bf16/fp16 cache -> ``cache_copy`` (no host
+sync, so it can run inside a CUDA graph capture).  Keep the returned
 libraries alive: a collected ``Library`` unregisters its ops.
 """
 import contextlib
