@@ -7,10 +7,12 @@ stub).  Uses no harness fixture (tests/conftest.py skips those on GPU boxes)
 and never activates the CPU harness: every engine runs in its own
 subprocess (this file run as a script) with the harness flag removed.
 
-Each engine: ``VLLM_ATTENTION_BACKEND=TRITON_ATTN_VLLM_V1`` (V1),
-``enforce_eager=False`` with piecewise CUDA graphs for ``CAPTURE_SIZES`` (up
-to 64), ``compilation_config={"pass_config": {"enable_attn_fusion": on}}``,
-compile caches off, ``VLLM_LOGGING_LEVEL=DEBUG`` (vLLM then asserts that a
+Each engine: ``VLLM_ATTENTION_BACKEND`` = the overlay's Triton backend of
+its engine (``TRITON_ATTN_VLLM_V1`` / ``TRITON_ATTN_VLLM_V0``),
+``enforce_eager=False`` with CUDA graphs for ``CAPTURE_SIZES`` (up to 64),
+``compilation_config={"pass_config": {"enable_attn_fusion": on}}``, vLLM's
+compile cache and Inductor's FX graph cache off (the engines of one session
+share the compiled kernels), ``VLLM_LOGGING_LEVEL=DEBUG`` (vLLM then asserts that a
 replayed piece finds its inputs at the captured addresses), 8 greedy
 prompts of mixed lengths (short, multi-block and one prompt longer than the
 largest capture size), 64 new tokens, top-2 logprobs, generated in
