@@ -21,7 +21,8 @@ import stand_ins
 import vllm_overlay
 from cpu_harness.compile import ModelSpec, compile_model
 from tests.test_execute import (TOLERANCE, _fused_launches,
-                                 assert_captured_pieces_read_fixed_addresses, rel)
+                                 assert_captured_pieces_read_fixed_addresses,
+                                 assert_eager_pieces_equal_inductor, rel)
 
 N = 2
 ON = (("enable_attn_fusion", True), )
@@ -119,6 +120,13 @@ def test_block_fp8_captured_pieces(overlay_compiled):
             assert ops["vllm.block_fp8_mm"] == 0
     assert sum(compiled.piece_ops(p)["vllm.block_fp8_mm"] for p in compiled.pieces
                if p.name in captured) == N
+
+
+def test_block_fp8_sticky_pieces_run_eager_form(overlay_compiled):
+    """The fused group-quant sticky pieces run as plain GraphModules
+    (``fused_eager_piece``: no Inductor wrapper on the per-step host path),
+    bit-identical to Inductor's compiled pieces."""
+    assert_eager_pieces_equal_inductor(overlay_compiled(spec("piecewise", fused=True)))
 
 
 def _reasons(monkeypatch):

@@ -90,11 +90,19 @@ def test_sticky_pieces_run_fused_eager_form_identical_to_inductor(
     """Fused sticky pieces run as plain GraphModules (``fused_eager_piece``:
     no Inductor wrapper on the per-step host path); running Inductor's
     compiled piece instead gives the same bits."""
-    from cpu_harness.execute import Runner
     compiled = overlay_compiled(spec(arch, "piecewise", fused=True))
+    assert_eager_pieces_equal_inductor(compiled)
+
+
+def assert_eager_pieces_equal_inductor(compiled):
+    """Every sticky piece of ``compiled`` (N layers, fused) runs its eager
+    form; re-running the steps through Inductor's pieces gives the same
+    hidden states and logits."""
+    from cpu_harness.execute import Runner
     sticky = [compiled.backend.split_gm.__dict__[p.name] for p in compiled.pieces
               if p.is_splitting_graph]
     assert len(sticky) == N and all(p.eager is not None for p in sticky)
+    assert all(p.run is p.eager for p in sticky)
     for piece in sticky:
         piece.run = piece.compiled
     try:
@@ -104,6 +112,7 @@ def test_sticky_pieces_run_fused_eager_form_identical_to_inductor(
             piece.run = piece.eager
     for a, b in zip(outputs, compiled.outputs):
         assert torch.equal(a.hidden, b.hidden)
+        assert torch.equal(a.logits, b.logits)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -200,13 +200,21 @@ def split_graph(graph: fx.GraphModule, ops):
     return split_gm, items
 
 
+# The quants a fused sticky piece may hold -> the fused op is the group one.
+EAGER_QUANTS = {"_C.static_scaled_fp8_quant": False,
+                "vllm.block_fp8_group_quant": True}
+
+
 def fused_eager_piece(submod: fx.GraphModule, fused_layers):
     """The sticky piece as the fusion pass left it, as a plain GraphModule,
     or None where the pass did not fuse its layer (or the piece is not one
-    attention + one static quant)::
+    attention + one static or block-FP8 group quant)::
 
         attn(q, k, v, out, L); x = view(out); r = buf.view(x.size()); quant(r, x, s); return r
         ->  attn.output_scale(q, k, v, buf, L, s); x = view(out); r = buf.view(x.size()); return r
+
+    (group quant: ``attn.output_group_scale(q, k, v, buf, L, s)``, ``s`` the
+    [T, H] scale buffer the quant would have written.)
 
     Inductor compiles every sticky piece, so that ``AttnFusionPass`` decides
     and rewrites; but calling Inductor's output costs tens of microseconds
@@ -219,13 +227,14 @@ def fused_eager_piece(submod: fx.GraphModule, fused_layers):
     nodes = [n for n in submod.graph.nodes if n.op == "call_function"
              and _name(n) != "getitem"]
     attn = [n for n in nodes if _name(n) == "vllm.unified_attention_with_output"]
-    quant = [n for n in nodes if _name(n) == "_C.static_scaled_fp8_quant"]
+    quant = [n for n in nodes if _name(n) in EAGER_QUANTS]
     if len(attn) != 1 or len(quant) != 1 or len(nodes) != 2:
         return None
     (attn, ), (quant, ) = attn, quant
     if _layer_name(attn) not in fused_layers:
         return None
-    result, _, scale = quant.args
+    result, _, scale = quant.args[:3]
+    group = EAGER_QUANTS[_name(quant)]
     buf = _root(result)
     if buf.op != "placeholder":
         return None
@@ -236,7 +245,7 @@ def fused_eager_piece(submod: fx.GraphModule, fused_layers):
         if node is attn:
             q, k, v = (env[a] for a in attn.args[:3])
             env[node] = graph.call_function(
-                attention_ops.fused_op("unified_attention_with_output"),
+                attention_ops.fused_op("unified_attention_with_output", group),
                 (q, k, v, env[buf], _layer_name(attn), env[scale]))
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
