@@ -52,6 +52,7 @@ What is asserted:
 - TP=2 when ``torch.cuda.device_count() >= 2``: each rank fuses all its layers;
   tokens as above.
 """
+import functools
 import json
 import os
 import re
@@ -366,6 +367,7 @@ if __name__ != "__main__":
             return _runs[key]
         return get
 
+    @functools.lru_cache(maxsize=None)
     def _reference_first_tokens(model_dir):
         """CPU float32 reference (FP8 emulated): (prompt ids, argmax, top-2
         margin) of the first generated token per prompt."""
