@@ -39,16 +39,20 @@ def make_batch(q_lens, kv_lens, Hq, Hkv, D, bs, dtype=torch.bfloat16, kv_fp8=Fal
     T = sum(q_lens) + t_pad
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     sl = torch.tensor(kv_lens, dtype=torch.int32, device="cuda")
-    maxb = max((k + bs - 1) // bs for k in kv_lens)
-    nb = B * maxb + 7
-    bt = torch.randperm(nb, device="cuda", generator=g)[: B * maxb].reshape(B, maxb).to(torch.int32)
+    nblk = [(k + bs - 1) // bs for k in kv_lens]
+    nb = sum(nblk) + 7  # only the blocks the sequences use (+ 7 never read), shuffled over the cache
+    perm = torch.randperm(nb, device="cuda", generator=g)
+    # table entries past a sequence's last block are valid ids the kernel must not read
+    bt = torch.randint(0, nb, (B, max(nblk)), device="cuda", generator=g, dtype=torch.int32)
+    starts = [0] + torch.tensor(nblk).cumsum(0).tolist()
+    for s in range(B):
+        bt[s, : nblk[s]] = perm[starts[s]: starts[s + 1]]
     q = (torch.randn(T, Hq, D, device="cuda", generator=g) + 0.1).to(dtype)
-    kc = torch.randn(nb, bs, Hkv, D, device="cuda", generator=g) + 0.1
-    vc = torch.randn(nb, bs, Hkv, D, device="cuda", generator=g) + 0.1
+    cache_dtype = torch.float32 if kv_fp8 else dtype  # the cache in its own dtype: no fp32 copy of a large one
+    kc = torch.randn(nb, bs, Hkv, D, device="cuda", generator=g, dtype=cache_dtype) + 0.1
+    vc = torch.randn(nb, bs, Hkv, D, device="cuda", generator=g, dtype=cache_dtype) + 0.1
     if kv_fp8:
         kc, vc = (kc * 16).to(FP8), (vc * 16).to(FP8)
-    else:
-        kc, vc = kc.to(dtype), vc.to(dtype)
     return q, kc, vc, qsl, sl, bt
 
 
