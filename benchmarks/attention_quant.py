@@ -14,7 +14,9 @@ processes), then runs one timing child per triton, one after the other, and merg
 attention_quant.md. `--child` runs one timing child in this process's own triton.
 
 Variants per shape (all on the same inputs; per-call times in microseconds):
-  a:  paged_attention(out=fp8, output_scale, key=, value=)   fused, new tokens' K/V read densely
+  a:  paged_attention(out=fp8, output_scale, key=, value=)   fused, new tokens' K/V read densely (long
+      prefills: bf16 out + quant inside the op where that is faster, triton_paged_attention._FP8_VIA_BF16)
+  af: a always on the fp8 kernel (the long-prefill route off)
   b:  paged_attention(out=bf16, key=, value=)                same kernel, stock output
   c:  b + static_fp8_quant(bf16 -> fp8)                       unfused
   d:  torch SDPA bf16 (cuDNN, dense, K/V pre-expanded) + the same quant (prefills of equal lengths)
@@ -62,7 +64,7 @@ DENSE_CEILING = {"3.2": {"prefill 1x4096": 363, "prefill 4x2048": 386, "prefill 
 # (our h/g), by shape; decode shapes: GROUP_TARGET_DECODE.
 GROUP_TARGETS = {"prefill 1x128": "1.73x", "prefill 1x512": "1.35x", "prefill 1x1024": "1.08x"}
 GROUP_TARGET_DECODE = "1.02-1.06x"
-VARIANTS = ("a", "b", "c", "d", "ap", "g", "h")
+VARIANTS = ("a", "af", "b", "c", "d", "ap", "g", "h")
 ROUNDS = 7
 SPREAD_FLAG = 0.05
 
@@ -76,6 +78,7 @@ def shapes(quick=False):
         ("prefill 1x4096", [4096], [4096], 32, 8, 128),
         ("prefill 4x2048", [2048] * 4, [2048] * 4, 32, 8, 128),
         ("prefill 8x512", [512] * 8, [512] * 8, 32, 8, 128),
+        ("prefill 1x8192", [8192], [8192], 32, 8, 128),
         ("prefill 1x16384", [16384], [16384], 32, 8, 128),
         ("mixed 4x512 + 60 dec ctx2048", [512] * 4 + [1] * 60, [512] * 4 + [2048] * 60, 32, 8, 128),
         ("chunked 2x512 ctx4096 + 30 dec", [512] * 2 + [1] * 30, [4608] * 2 + [2048] * 30, 32, 8, 128),
@@ -166,7 +169,7 @@ def set_bytes(s):
 def make_fns(sets, q_lens, kv_lens, D, scale):
     """Variant name -> callable that runs on the next input set (rotation)."""
     meta = (max(q_lens), max(kv_lens), 1.0 / math.sqrt(D))
-    state = {k: 0 for k in ("a", "b", "c", "ap", "bp", "g", "h")}
+    state = {k: 0 for k in ("a", "b", "c", "ap", "bp", "g", "h")}  # af shares a's rotation
 
     def nxt(k):
         i = state[k]
@@ -190,6 +193,13 @@ def make_fns(sets, q_lens, kv_lens, D, scale):
         T = s["q"].shape[0]
         tpa.static_fp8_quant(s["out8_unf"].view(T, -1), s["out_bf"].view(T, -1), scale)
 
+    def faf():  # a without the long-prefill route: always the fp8 specialisation
+        tpa.CONFIG_OVERRIDE["fp8_via_bf16"] = 1 << 30
+        try:
+            fa()
+        finally:
+            tpa.CONFIG_OVERRIDE.pop("fp8_via_bf16", None)
+
     def fap():
         s = nxt("ap")
         tpa.paged_attention(s["q"], s["kc"], s["vc"], s["out8"], s["qsl"], s["sl"], s["bt"], *meta,
@@ -211,7 +221,7 @@ def make_fns(sets, q_lens, kv_lens, D, scale):
         T = s["q"].shape[0]
         vllm_group_quant(s["out_bf"].view(T, -1), D, dtype=FP8, column_major_scales=True)
 
-    fns = {"a": fa, "b": fb, "c": fc, "ap": fap, "bp": fbp, "g": fg}
+    fns = {"a": fa, "af": faf, "b": fb, "c": fc, "ap": fap, "bp": fbp, "g": fg}
     if vllm_group_quant is not None:
         fns["h"] = fh
     return fns
@@ -413,6 +423,7 @@ def sweep_jobs(quick=False):
 
 def _set_override(kind, cfg):
     tpa.CONFIG_OVERRIDE.clear()
+    tpa.CONFIG_OVERRIDE["fp8_via_bf16"] = 1 << 30  # the sweep times the fp8 kernel itself
     if kind == "prefill":
         bm, bn, w, st = cfg
         tpa.CONFIG_OVERRIDE["prefill"] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
@@ -584,9 +595,10 @@ def fmt_tables(results):
         md.append(f"### triton {res['triton']} ({res['device']}, torch {res['torch']}, {res['date']})\n")
         md.append(f"Standalone static quant 4096x4096 bf16: {res['quant_us']:.1f} us.\n")
         rows = [r for r in res["rows"] if {"a", "c", "d", "ap"} & set(r["t"])]  # static-scale variants timed
-        md.append("| shape | D | a fused | b bf16 | c b+quant | d cuDNN+quant | ap fused paged-only | a eager | perf a "
-                  "| c/a | a/b | d/a | a / dense ceiling | vLLM 0.8.5 (vs b) | spread a/b/c | flag |")
-        md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        md.append("| shape | D | a fused | af fp8 kernel | b bf16 | c b+quant | d cuDNN+quant | ap fused paged-only "
+                  "| a eager | perf a | c/a | c/af | a/b | d/a | a / dense ceiling | vLLM 0.8.5 (vs b) | spread a/b/c "
+                  "| flag |")
+        md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         if not rows:
             md[-2:] = []
         for r in rows:
@@ -599,10 +611,11 @@ def fmt_tables(results):
             c = ceil.get(r["name"])
             dmode = "" if r.get("mode", {}).get("d", "graph") == "graph" else " (eager)"
             spr, _ = _spreads(sp, ("a", "b", "c"))
-            _, msp = _spreads(sp, ("a", "b", "c", "d", "ap"))
+            _, msp = _spreads(sp, ("a", "af", "b", "c", "d", "ap"))
             md.append(
-                f"| {r['name']} | {r['D']} | {_us(t, 'a')} | {_us(t, 'b')} | {_us(t, 'c')} | {_us(t, 'd', dmode)} | "
-                f"{_us(t, 'ap')} | {_us(t, 'a_eager')} | {perf} | {_ratio(t, 'c', 'a')} | {_ratio(t, 'a', 'b')} | "
+                f"| {r['name']} | {r['D']} | {_us(t, 'a')} | {_us(t, 'af')} | {_us(t, 'b')} | {_us(t, 'c')} | "
+                f"{_us(t, 'd', dmode)} | {_us(t, 'ap')} | {_us(t, 'a_eager')} | {perf} | {_ratio(t, 'c', 'a')} | "
+                f"{_ratio(t, 'c', 'af')} | {_ratio(t, 'a', 'b')} | "
                 f"{_ratio(t, 'd', 'a')} | {f'{t[chr(97)] / c:.2f} ({c})' if c and 'a' in t else '-'} | "
                 f"{f'{v} ({v / t[chr(98)]:.2f}x)' if v and 'b' in t else '-'} | {spr} | "
                 f"{'SPREAD>5%' if msp > SPREAD_FLAG else ''} |")
@@ -793,7 +806,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
     ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help="comma-separated subset of a,b,c,d,ap,g,h to time (default all)")
+                    help="comma-separated subset of a,af,b,c,d,ap,g,h to time (default all)")
     ap.add_argument("--vllm-bundle", default=str(_ROOT / ".gpu_bundle/vllm085"),
                     help="vLLM bundle dir (gpu_harness/vllm_bundle.py) for h and the vLLM test; '' = none")
     ap.add_argument("--warm-procs", type=int, default=6)

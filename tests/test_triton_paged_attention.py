@@ -92,7 +92,8 @@ def new_token_kv(kc, vc, q_lens, kv_lens, bt, dtype, t_pad=0, seed=0):
 
 
 def run_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch.bfloat16, t_pad=0,
-             splits=None, scales_as_float=False, seed=0, check_fp8=True, dense=False, prefill_cfg=None):
+             splits=None, scales_as_float=False, seed=0, check_fp8=True, dense=False, prefill_cfg=None,
+             fp8_via_bf16=None):
     q, kc, vc, qsl, sl, bt = make_batch(q_lens, kv_lens, Hq, Hkv, D, bs, dtype, kv_fp8, t_pad, seed)
     kv_in = {}
     if dense:
@@ -111,6 +112,8 @@ def run_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch
         tpa.CONFIG_OVERRIDE["num_splits"] = splits
     if prefill_cfg is not None:
         tpa.CONFIG_OVERRIDE["prefill"] = dict(prefill_cfg)
+    if fp8_via_bf16 is not None:
+        tpa.CONFIG_OVERRIDE["fp8_via_bf16"] = fp8_via_bf16
     try:
         out = poison(q.shape, dtype)
         tpa.paged_attention(q, kc, vc, out, *args, **kv_in)
@@ -236,6 +239,44 @@ DENSE_CASES = [
 def test_paged_attention_dense_new_tokens(case):
     q_lens, kv_lens, Hq, Hkv, D, bs, extra = case
     run_case(q_lens, kv_lens, Hq, Hkv, D, bs, seed=hash(str(case)) % 1000, dense=True, **extra)
+
+
+# static FP8 output of "long" prefills (here: max_query_len >= 2) routed through bf16 out + static_fp8_quant
+ROUTE_CASES = [
+    ([40, 1, 50, 1], [40, 90, 117, 3], 4, 2, 64, 16, {"dense": True, "prefill_cfg": _SMALL, "t_pad": 3}),
+    ([3, 20, 1], [30, 20, 70], 4, 2, 128, 16, {"kv_fp8": True, "sw": 16}),
+    ([4, 1], [9, 50], 4, 2, 64, 16, {"dtype": torch.float16, "scales_as_float": True, "kv_fp8": True}),
+]
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=[f"r{i}" for i in range(len(ROUTE_CASES))])
+def test_long_prefill_fp8_via_bf16(case, monkeypatch):
+    """Same bytes as quant(own bf16 out), within 1 fp8 step of the float reference, and the route taken."""
+    calls = []
+    quant = tpa.static_fp8_quant
+    monkeypatch.setattr(tpa, "static_fp8_quant", lambda *a: (calls.append(a[0].shape), quant(*a))[1])
+    q_lens, kv_lens, Hq, Hkv, D, bs, extra = case
+    run_case(q_lens, kv_lens, Hq, Hkv, D, bs, seed=hash(str(case)) % 1000, fp8_via_bf16=2, **extra)
+    T = sum(q_lens) + extra.get("t_pad", 0)
+    assert calls and calls[0] == (T, Hq, D), calls
+
+
+def test_fp8_via_bf16_into_strided_out():
+    """out as a head slice of a wider tensor (not contiguous): the route writes only its elements."""
+    q, kc, vc, qsl, sl, bt = make_batch([30, 1], [30, 60], 4, 2, 64, 16, seed=5)
+    args = (qsl, sl, bt, 30, 60, 0.125)
+    os_ = torch.tensor([0.02], device=DEV)
+    want = poison(q.shape, FP8)
+    tpa.paged_attention(q, kc, vc, want, *args, output_scale=os_)  # the fp8 kernel
+    wide = poison((q.shape[0], 6, 64), FP8)
+    tpa.CONFIG_OVERRIDE["fp8_via_bf16"] = 2
+    try:
+        tpa.paged_attention(q, kc, vc, wide[:, 1:5], *args, output_scale=os_)
+    finally:
+        tpa.CONFIG_OVERRIDE.clear()
+    assert fp8_code_distance(wide[:, 1:5], want).max() <= 1
+    for h in (0, 5):
+        assert (wide[:, h].view(torch.uint8) == 0xFF).all(), "route wrote outside out"
 
 
 def test_zero_query_seq_and_pure_decode_padding():

@@ -589,7 +589,8 @@ def _split_reduce_kernel(
 _NUM_SMS = {}
 
 # Optional overrides for benchmarking / tuning: keys "prefill", "decode" -> dict of config entries
-# ("prefill" may also hold DENSE=False to ignore key/value), "num_splits" -> int.
+# ("prefill" may also hold DENSE=False to ignore key/value), "num_splits" -> int, "fp8_via_bf16" -> the
+# max_query_len from which static FP8 output runs as bf16 + quant (1 << 30: always the fp8 kernel).
 CONFIG_OVERRIDE = {}
 # The compiled kernels of the last launch per phase (benchmark compile reports: n_regs, n_spills, asm).
 LAST_LAUNCH = {}
@@ -611,15 +612,16 @@ def _next_pow2(x: int) -> int:
 
 # Configs per triton version family: "3.2" = triton < 3.3 (vLLM 0.8.5 users), "3.6" = triton >= 3.3.
 # Picked on the H100 from `benchmarks/attention_quant.py --sweep` (2026-11-25; docs/kernel.md).
-# Prefill entries: (head_d_pad limit, context-heavy) -> config, first match wins; "context-heavy" =
-# max_seq_len > 2 * max_query_len (chunked prefills, prefills mixed with long decodes), a host-side
-# hint that needs no device sync. None matches either.
+# Prefill entries: (head_d_pad limit, wide) -> config, first match wins; None matches either. "wide"
+# (host-side hints, no device sync) = context-heavy (max_seq_len > 2 * max_query_len: chunked prefills,
+# prefills mixed with long decodes) or a long prefill (max_query_len >= _LONG_PREFILL) with bf16/fp16 out.
 _PREFILL_CFGS = {
     "3.2": [
         ((64, None), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
         # fused == bf16 speed with 64-key tiles (a/b 0.99-1.005); 128x128 makes the fp8 variant 6-12% slower
         ((128, False), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
-        # paged context: 128-key tiles are 20% faster (chunked 2x512 ctx4096: 305 vs 376 us)
+        # paged context: 128-key tiles are 20% faster (chunked 2x512 ctx4096: 305 vs 376 us); bf16 out of
+        # long prefills: 8-10% faster (1x4096 372 vs 405 us, 4x2048 440 vs 488)
         ((128, True), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)),
         ((1 << 30, None), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
     ],
@@ -638,14 +640,27 @@ _DECODE_CFGS = {
 }
 
 
+# A prefill is "long" from this max_query_len on. Static-FP8 output of a long prefill runs as bf16 output
+# plus static_fp8_quant where that is faster than the fp8 specialisation of the kernel (from
+# _FP8_VIA_BF16[family] on; docs/kernel.md item 8): on triton 3.2 the bf16 variant's best config is 8-10%
+# faster than the fp8 variant's at every config, more than the 17 us the quant costs per 4096 x 4096.
+_LONG_PREFILL = 2048
+_FP8_VIA_BF16 = {"3.2": _LONG_PREFILL, "3.6": 8192}
+
+
+def _fp8_via_bf16(max_query_len: int) -> bool:
+    return max_query_len >= CONFIG_OVERRIDE.get("fp8_via_bf16", _FP8_VIA_BF16[_version_family()])
+
+
 def _version_family() -> str:
     return "3.2" if TRITON_VERSION < (3, 3) else "3.6"
 
 
-def _prefill_config(head_d_pad: int, g: int, kv_fp8: bool, max_query_len: int, max_seq_len: int = 0) -> dict:
-    ctx_heavy = max_seq_len > 2 * max_query_len
-    for (d_lim, ctx), c in _PREFILL_CFGS[_version_family()]:
-        if head_d_pad <= d_lim and (ctx is None or ctx == ctx_heavy):
+def _prefill_config(head_d_pad: int, g: int, kv_fp8: bool, max_query_len: int, max_seq_len: int = 0,
+                    out_fp8: bool = False) -> dict:
+    wide = max_seq_len > 2 * max_query_len or (not out_fp8 and max_query_len >= _LONG_PREFILL)
+    for (d_lim, w), c in _PREFILL_CFGS[_version_family()]:
+        if head_d_pad <= d_lim and (w is None or w == wide):
             cfg = dict(c)
             break
     cfg["BLOCK_M"] = max(cfg["BLOCK_M"], _next_pow2(g), 16)
@@ -726,6 +741,8 @@ def paged_attention(
     sequence's own tokens densely from these inputs and only the context from the paged cache (the
     values are the same, so the result is too). Ignored for an fp8 KV cache (the cache holds the
     quantized values, which the semantics above read) and for decodes.
+    Static FP8 output of a long prefill may run as bf16 output + ``static_fp8_quant`` where that is
+    faster (``_FP8_VIA_BF16``); the bytes are those of the same formula.
     """
     # ---- cheap host-side validation (no device syncs) ----
     if query.dim() != 3 or out.dim() != 3 or key_cache.dim() != 4 or value_cache.dim() != 4:
@@ -801,6 +818,18 @@ def paged_attention(
             output_group_scale.copy_(_empty_group_scale(output_group_scale))
         return
 
+    if out_fp8 and not out_group and _fp8_via_bf16(max_query_len):
+        # a long prefill: bf16 output at its own config, then the quant (same semantics, faster here)
+        o = torch.empty(out.shape, dtype=query.dtype, device=out.device)
+        paged_attention(query, key_cache, value_cache, o, query_start_loc, seq_lens, block_table,
+                        max_query_len, max_seq_len, softmax_scale, sliding_window, k_scale, v_scale,
+                        key=key, value=value)
+        o8 = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        static_fp8_quant(o8, o, output_scale)
+        if o8 is not out:
+            out.view(torch.uint8).copy_(o8.view(torch.uint8))
+        return
+
     G = Hq // Hkv
     d_pad = max(16, _next_pow2(D))
     q_bf16 = query.dtype == torch.bfloat16
@@ -820,7 +849,7 @@ def paged_attention(
 
     pure_decode = max_query_len <= 1
     if not pure_decode:
-        cfg = _prefill_config(d_pad, G, kv_fp8, max_query_len, max_seq_len)
+        cfg = _prefill_config(d_pad, G, kv_fp8, max_query_len, max_seq_len, out_fp8)
         block_m = cfg["BLOCK_M"]
         block_q = max(1, block_m // G)
         grid = (triton.cdiv(T, block_q) + B, Hkv, 1)

@@ -89,7 +89,13 @@ def new_token_kv(kc, vc, q_lens, kv_lens, bt, dtype, t_pad=0):
 
 
 def check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch.bfloat16, t_pad=0,
-               seed=0, q_view=False, dense=False):
+               seed=0, q_view=False, dense=False, via_bf16=None):
+    if via_bf16 is not None:  # static fp8 out of prefills from this max_query_len on: bf16 out + quant
+        tpa.CONFIG_OVERRIDE["fp8_via_bf16"] = via_bf16
+        try:
+            return check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw, kv_fp8, dtype, t_pad, seed, q_view, dense)
+        finally:
+            tpa.CONFIG_OVERRIDE.pop("fp8_via_bf16", None)
     q, kc, vc, qsl, sl, bt = make_batch(q_lens, kv_lens, Hq, Hkv, D, bs, dtype, kv_fp8, t_pad, seed)
     kv_in = {}
     if dense:
@@ -186,6 +192,10 @@ def _cases():
     cases.append(("dense_kvfp8_ignored", [300, 1], [700, 90], 32, 8, 128, 16, {"dense": True, "kv_fp8": True}))
     cases.append(("dense_fp16_mqa", [500, 64], [500, 1000], 32, 1, 128, 16, {"dense": True,
                                                                               "dtype": torch.float16}))
+    # the long-prefill route forced on (both tritons), and off for a prefill the version would route
+    cases.append(("route_mixed_strided", [2048, 300, 1], [2048, 900, 1000], 32, 8, 128, 16,
+                  {"dense": True, "q_view": True, "via_bf16": 2}))
+    cases.append(("no_route_prefill_2048", [2048], [2048], 32, 8, 128, 16, {"dense": True, "via_bf16": 1 << 30}))
     return cases
 
 
