@@ -590,7 +590,7 @@ _NUM_SMS = {}
 
 # Optional overrides for benchmarking / tuning: keys "prefill", "decode" -> dict of config entries
 # ("prefill" may also hold DENSE=False to ignore key/value), "num_splits" -> int, "fp8_via_bf16" -> the
-# max_query_len from which static FP8 output runs as bf16 + quant (1 << 30: always the fp8 kernel).
+# max_query_len from which static FP8 output runs as bf16 + quant, any head size (1 << 30: never).
 CONFIG_OVERRIDE = {}
 # The compiled kernels of the last launch per phase (benchmark compile reports: n_regs, n_spills, asm).
 LAST_LAUNCH = {}
@@ -640,16 +640,18 @@ _DECODE_CFGS = {
 }
 
 
-# A prefill is "long" from this max_query_len on. Static-FP8 output of a long prefill runs as bf16 output
-# plus static_fp8_quant where that is faster than the fp8 specialisation of the kernel (from
-# _FP8_VIA_BF16[family] on; docs/kernel.md item 8): on triton 3.2 the bf16 variant's best config is 8-10%
-# faster than the fp8 variant's at every config, more than the 17 us the quant costs per 4096 x 4096.
+# A prefill is "long" from this max_query_len on. Static-FP8 output of a long d128 prefill runs as bf16
+# output plus static_fp8_quant where that was measured faster than the fp8 specialisation of the kernel
+# (_FP8_VIA_BF16[family][head_d_pad]: max_query_len from which it does; docs/kernel.md item 8). Triton
+# 3.2: the bf16 variant's best config (128x128) is 8-10% faster than the fp8 variant at any config, more
+# than the 17 us the quant costs per 4096 x 4096 (d256: a == b, no route). Triton 3.6: from 1x8192 on.
 _LONG_PREFILL = 2048
-_FP8_VIA_BF16 = {"3.2": _LONG_PREFILL, "3.6": 8192}
+_FP8_VIA_BF16 = {"3.2": {128: _LONG_PREFILL}, "3.6": {128: 8192}}
 
 
-def _fp8_via_bf16(max_query_len: int) -> bool:
-    return max_query_len >= CONFIG_OVERRIDE.get("fp8_via_bf16", _FP8_VIA_BF16[_version_family()])
+def _fp8_via_bf16(head_d_pad: int, max_query_len: int) -> bool:
+    lim = CONFIG_OVERRIDE.get("fp8_via_bf16", _FP8_VIA_BF16[_version_family()].get(head_d_pad, 1 << 62))
+    return max_query_len >= lim
 
 
 def _version_family() -> str:
@@ -818,7 +820,8 @@ def paged_attention(
             output_group_scale.copy_(_empty_group_scale(output_group_scale))
         return
 
-    if out_fp8 and not out_group and _fp8_via_bf16(max_query_len):
+    d_pad = max(16, _next_pow2(D))
+    if out_fp8 and not out_group and _fp8_via_bf16(d_pad, max_query_len):
         # a long prefill: bf16 output at its own config, then the quant (same semantics, faster here)
         o = torch.empty(out.shape, dtype=query.dtype, device=out.device)
         paged_attention(query, key_cache, value_cache, o, query_start_loc, seq_lens, block_table,
@@ -831,7 +834,6 @@ def paged_attention(
         return
 
     G = Hq // Hkv
-    d_pad = max(16, _next_pow2(D))
     q_bf16 = query.dtype == torch.bfloat16
     common = dict(
         G=G, NUM_Q_HEADS=Hq, HEAD_D=D, HEAD_D_PAD=d_pad, KV_BLOCK_SIZE=bs, SLIDING_WINDOW=sw,
