@@ -4,7 +4,7 @@ under triton 3.2 (what vLLM 0.8.5 users run) and the box's own triton in ONE cal
 Usage (GPU box, repository root):
     python3 benchmarks/attention_quant.py $OUT [--tritons 3.2,3.6] [--bundle .gpu_bundle/triton-3.2.0.tar.xz]
         [--tests] [--sweep] [--report] [--quick] [--shapes SUBSTR,...] [--variants a,b,g,h] [--warm-procs 6]
-        [--vllm-bundle .gpu_bundle/vllm085]
+        [--vllm-bundle .gpu_bundle/vllm085] [--baseline FILE] [--sweep-quick]
 The parent process unpacks the triton 3.2 bundle (gpu_harness/triton_bundle.py) and vLLM's bundle
 (gpu_harness/vllm_bundle.py: its site goes on PYTHONPATH with the repository, as gpu_harness/box_run.sh
 does, for every child under each triton where `import vllm` works there; else h is missing), optionally runs
@@ -17,6 +17,8 @@ Variants per shape (all on the same inputs; per-call times in microseconds):
   a:  paged_attention(out=fp8, output_scale, key=, value=)   fused, new tokens' K/V read densely (long
       prefills: bf16 out + quant inside the op where that is faster, triton_paged_attention._FP8_VIA_BF16)
   af: a always on the fp8 kernel (the long-prefill route off)
+  a0: a on a baseline copy of the kernel module (--baseline FILE, e.g. `git show REV:vllm_overlay/
+      triton_paged_attention.py`): the kernel before a change, timed in the same rounds; asserted byte-equal
   b:  paged_attention(out=bf16, key=, value=)                same kernel, stock output
   c:  b + static_fp8_quant(bf16 -> fp8)                       unfused
   d:  torch SDPA bf16 (cuDNN, dense, K/V pre-expanded) + the same quant (prefills of equal lengths)
@@ -64,7 +66,7 @@ DENSE_CEILING = {"3.2": {"prefill 1x4096": 363, "prefill 4x2048": 386, "prefill 
 # (our h/g), by shape; decode shapes: GROUP_TARGET_DECODE.
 GROUP_TARGETS = {"prefill 1x128": "1.73x", "prefill 1x512": "1.35x", "prefill 1x1024": "1.08x"}
 GROUP_TARGET_DECODE = "1.02-1.06x"
-VARIANTS = ("a", "af", "b", "c", "d", "ap", "g", "h")
+VARIANTS = ("a", "af", "a0", "b", "c", "d", "ap", "g", "h")
 ROUNDS = 7
 SPREAD_FLAG = 0.05
 
@@ -106,6 +108,9 @@ SWEEP_PREFILL = {
 SWEEP_PREFILL_SHAPES = ("prefill 1x4096", "prefill 4x2048", "prefill 8x512", "prefill 8x512 d64",
                         "prefill 4x2048 d256", "chunked 2x512 ctx4096 + 30 dec")
 SWEEP_DECODE = [(64, 2, 4), (32, 2, 4), (64, 4, 3), (128, 4, 2), (32, 4, 3), (16, 2, 4), (64, 2, 3), (128, 8, 3)]
+# --sweep-quick: the d128 prefill configs that decide the routing (no decode sweep)
+SWEEP_QUICK_PREFILL = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2)]
+SWEEP_QUICK_SHAPES = ("prefill 1x4096", "prefill 4x2048", "prefill 8x512")
 SWEEP_DECODE_SHAPES = ("decode b64 ctx2048", "decode b256 ctx1024", "decode b16 ctx8192", "decode b64 ctx2048 d256",
                        "decode b64 ctx2048 d64")
 
@@ -114,11 +119,17 @@ SWEEP_DECODE_SHAPES = ("decode b64 ctx2048", "decode b256 ctx1024", "decode b16 
 # child side (imports torch / triton / the kernel)
 # ----------------------------------------------------------------------------------------------------
 
-def _imports():
-    global torch, triton, tpa, FP8, vllm_group_quant, VLLM_MISSING
+def _imports(baseline=None):
+    global torch, triton, tpa, tpa0, FP8, vllm_group_quant, VLLM_MISSING
     import torch
     import triton
     import vllm_overlay.triton_paged_attention as tpa
+    tpa0 = None
+    if baseline:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("triton_paged_attention_baseline", baseline)
+        tpa0 = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tpa0)
     FP8 = torch.float8_e4m3fn
     try:
         from vllm.model_executor.layers.quantization.utils.fp8_utils import \
@@ -169,7 +180,7 @@ def set_bytes(s):
 def make_fns(sets, q_lens, kv_lens, D, scale):
     """Variant name -> callable that runs on the next input set (rotation)."""
     meta = (max(q_lens), max(kv_lens), 1.0 / math.sqrt(D))
-    state = {k: 0 for k in ("a", "b", "c", "ap", "bp", "g", "h")}  # af shares a's rotation
+    state = {k: 0 for k in ("a", "a0", "b", "c", "ap", "bp", "g", "h")}  # af shares a's rotation
 
     def nxt(k):
         i = state[k]
@@ -221,7 +232,14 @@ def make_fns(sets, q_lens, kv_lens, D, scale):
         T = s["q"].shape[0]
         vllm_group_quant(s["out_bf"].view(T, -1), D, dtype=FP8, column_major_scales=True)
 
+    def fa0():
+        s = nxt("a0")
+        tpa0.paged_attention(s["q"], s["kc"], s["vc"], s["out8"], s["qsl"], s["sl"], s["bt"], *meta,
+                             output_scale=scale, key=s["key"], value=s["value"])
+
     fns = {"a": fa, "af": faf, "b": fb, "c": fc, "ap": fap, "bp": fbp, "g": fg}
+    if tpa0 is not None:
+        fns["a0"] = fa0
     if vllm_group_quant is not None:
         fns["h"] = fh
     return fns
@@ -363,6 +381,11 @@ def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variant
         torch.cuda.synchronize()
         assert torch.equal(o8.view(torch.uint8), o8u.view(torch.uint8)), f"{name}: fused != unfused"
         assert torch.equal(o8.view(torch.uint8), o8p.view(torch.uint8)), f"{name}: dense != paged-only"
+        if "a0" in fns:
+            tpa0.paged_attention(s["q"], s["kc"], s["vc"], o8p, *meta, output_scale=scale, key=s["key"],
+                                 value=s["value"])
+            torch.cuda.synchronize()
+            assert torch.equal(o8.view(torch.uint8), o8p.view(torch.uint8)), f"{name}: a != baseline a0"
     if not warm_only and {"g", "h"} & set(fns):
         o8, obf = torch.empty_like(s["out8"]), torch.empty_like(s["out_bf"])
         gs = torch.empty(Hq, T, device="cuda", dtype=torch.float32).t()
@@ -411,11 +434,11 @@ def compile_report(kern):
 def sweep_jobs(quick=False):
     jobs = []
     by_name = {s[0]: s for s in shapes()}
-    for nm in SWEEP_PREFILL_SHAPES:
+    for nm in (SWEEP_QUICK_SHAPES if quick else SWEEP_PREFILL_SHAPES):
         sh = by_name[nm]
-        for cfg in SWEEP_PREFILL[sh[5]]:
+        for cfg in (SWEEP_QUICK_PREFILL if quick else SWEEP_PREFILL[sh[5]]):
             jobs.append(("prefill", sh, cfg))
-    for nm in SWEEP_DECODE_SHAPES:
+    for nm in (() if quick else SWEEP_DECODE_SHAPES):
         for cfg in SWEEP_DECODE:
             jobs.append(("decode", by_name[nm], cfg))
     return jobs
@@ -432,9 +455,9 @@ def _set_override(kind, cfg):
         tpa.CONFIG_OVERRIDE["decode"] = dict(BLOCK_N=bn, num_warps=w, num_stages=st)
 
 
-def run_sweep(warm_only=False, shard=(0, 1)):
+def run_sweep(warm_only=False, shard=(0, 1), quick=False):
     res = []
-    jobs = sweep_jobs()
+    jobs = sweep_jobs(quick)
     cache = {}
     for i, (kind, sh, cfg) in enumerate(jobs):
         if warm_only and i % shard[1] != shard[0]:
@@ -508,7 +531,7 @@ def ncu_probe():
 
 
 def child(args):
-    _imports()
+    _imports(args.baseline)
     torch.manual_seed(0)
     if args.ncu_probe:
         ncu_probe()
@@ -524,8 +547,8 @@ def child(args):
         for j, sh in enumerate(jobs):
             if j % n == i:
                 run_shape(*sh, warm_only=True, variants=variants)
-        if args.sweep:
-            run_sweep(warm_only=True, shard=(i, n))
+        if args.sweep or args.sweep_quick:
+            run_sweep(warm_only=True, shard=(i, n), quick=args.sweep_quick)
         return
     out = dict(triton=triton.__version__, torch=torch.__version__, family=fam, device=torch.cuda.get_device_name(),
                date=str(datetime.date.today()), rows=[], sweep=[], report={}, variants=variants,
@@ -541,8 +564,9 @@ def child(args):
         out["report"] = report_variants()
         for k, v in out["report"].items():
             print("report", k, json.dumps(v), flush=True)
-    if args.sweep:
-        out["sweep"] = run_sweep()
+    if args.sweep or args.sweep_quick:
+        out["sweep"] = run_sweep(quick=args.sweep_quick)
+        Path(args.json).write_text(json.dumps(out, indent=1))
     for sh in shapes(args.quick):
         if not _want(sh[0], args.shapes):
             continue
@@ -551,8 +575,9 @@ def child(args):
         out["rows"].append(r)
         t, sp = r["t"], r["spread"]
         print(f"[{triton.__version__}] {r['name']:34s} " + " ".join(f"{k}={t[k]:.1f}({sp[k]*100:.1f}%)" for k in t)
-              + " " + " ".join(f"{x}/{y}={t[x] / t[y]:.3f}" for x, y in (("c", "a"), ("a", "b"), ("h", "g"), ("g", "b"))
+              + " " + " ".join(f"{x}/{y}={t[x] / t[y]:.3f}" for x, y in (("c", "a"), ("a", "b"), ("a0", "a"), ("h", "g"), ("g", "b"))
                                if x in t and y in t), flush=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))  # after every row: a cut-off run keeps its rows
     Path(args.json).write_text(json.dumps(out, indent=1))
 
 
@@ -595,10 +620,10 @@ def fmt_tables(results):
         md.append(f"### triton {res['triton']} ({res['device']}, torch {res['torch']}, {res['date']})\n")
         md.append(f"Standalone static quant 4096x4096 bf16: {res['quant_us']:.1f} us.\n")
         rows = [r for r in res["rows"] if {"a", "c", "d", "ap"} & set(r["t"])]  # static-scale variants timed
-        md.append("| shape | D | a fused | af fp8 kernel | b bf16 | c b+quant | d cuDNN+quant | ap fused paged-only "
-                  "| a eager | perf a | c/a | c/af | a/b | d/a | a / dense ceiling | vLLM 0.8.5 (vs b) | spread a/b/c "
-                  "| flag |")
-        md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        md.append("| shape | D | a fused | af fp8 kernel | a0 baseline | b bf16 | c b+quant | d cuDNN+quant "
+                  "| ap fused paged-only | a eager | perf a | c/a | c/af | a0/a | a/b | d/a | a / dense ceiling "
+                  "| vLLM 0.8.5 (vs b) | spread a/b/c | flag |")
+        md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         if not rows:
             md[-2:] = []
         for r in rows:
@@ -611,11 +636,11 @@ def fmt_tables(results):
             c = ceil.get(r["name"])
             dmode = "" if r.get("mode", {}).get("d", "graph") == "graph" else " (eager)"
             spr, _ = _spreads(sp, ("a", "b", "c"))
-            _, msp = _spreads(sp, ("a", "af", "b", "c", "d", "ap"))
+            _, msp = _spreads(sp, ("a", "af", "a0", "b", "c", "d", "ap"))
             md.append(
-                f"| {r['name']} | {r['D']} | {_us(t, 'a')} | {_us(t, 'af')} | {_us(t, 'b')} | {_us(t, 'c')} | "
-                f"{_us(t, 'd', dmode)} | {_us(t, 'ap')} | {_us(t, 'a_eager')} | {perf} | {_ratio(t, 'c', 'a')} | "
-                f"{_ratio(t, 'c', 'af')} | {_ratio(t, 'a', 'b')} | "
+                f"| {r['name']} | {r['D']} | {_us(t, 'a')} | {_us(t, 'af')} | {_us(t, 'a0')} | {_us(t, 'b')} | "
+                f"{_us(t, 'c')} | {_us(t, 'd', dmode)} | {_us(t, 'ap')} | {_us(t, 'a_eager')} | {perf} | "
+                f"{_ratio(t, 'c', 'a')} | {_ratio(t, 'c', 'af')} | {_ratio(t, 'a0', 'a')} | {_ratio(t, 'a', 'b')} | "
                 f"{_ratio(t, 'd', 'a')} | {f'{t[chr(97)] / c:.2f} ({c})' if c and 'a' in t else '-'} | "
                 f"{f'{v} ({v / t[chr(98)]:.2f}x)' if v and 'b' in t else '-'} | {spr} | "
                 f"{'SPREAD>5%' if msp > SPREAD_FLAG else ''} |")
@@ -707,6 +732,8 @@ def parent(args):
     sites = vllm_sites(args.vllm_bundle, fams, tdir)
     me = [sys.executable, str(Path(__file__).resolve())]
     common = (["--quick"] if args.quick else []) + (["--sweep"] if args.sweep else []) + \
+        (["--sweep-quick"] if args.sweep_quick else []) + \
+        (["--baseline", str(Path(args.baseline).resolve())] if args.baseline else []) + \
         (["--shapes", args.shapes] if args.shapes else []) + ["--variants", args.variants]
     t0 = time.time()
     procs = []
@@ -734,6 +761,10 @@ def parent(args):
         for i in range(args.test_shards):
             tail = (out_dir / f"tests_{fam}_{i}.log").read_text().strip().splitlines()[-2:]
             print(f"tests/gpu triton {fam} shard {i}/{args.test_shards}:", " | ".join(tail), flush=True)
+    with open(out_dir / "tests.log", "w") as w:  # few files come back: fold the test logs into one
+        for f in sorted(out_dir.glob("tests_*.log")):
+            w.write(f"== {f.name}\n" + f.read_text()[-20000:])
+            f.unlink()
     for f in out_dir.glob("warm_*.log"):  # keep the files that come back few: fold warm logs into one
         with open(out_dir / "warm.log", "a") as w:
             w.write(f"== {f.name}\n" + f.read_text()[-3000:])
@@ -756,10 +787,6 @@ def parent(args):
                                + me + ["--child", "--ncu-probe"], cwd=_ROOT, env=_env_for(fam, tdir, sites[fam]),
                                stdout=f, stderr=subprocess.STDOUT, timeout=240)
         print((out_dir / "ncu.txt").read_text()[-6000:], flush=True)
-    with open(out_dir / "tests.log", "w") as w:
-        for f in sorted(out_dir.glob("tests_*.log")):
-            w.write(f"== {f.name}\n" + f.read_text()[-20000:])
-            f.unlink()
     md = (f"# attention + static FP8 quant: {', '.join(r['triton'] for r in results)}\n\n"
           f"command: `python3 benchmarks/attention_quant.py $OUT {' '.join(sys.argv[2:])}`\n\n"
           + fmt_tables(results) + "\n" + fmt_sweep(results))
@@ -802,6 +829,8 @@ def main():
     ap.add_argument("--bundle", default=str(_ROOT / ".gpu_bundle/triton-3.2.0.tar.xz"))
     ap.add_argument("--tests", action="store_true", help="run tests/gpu under each triton during the warm-up")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-quick", action="store_true", help="only the d128 prefill configs of SWEEP_QUICK_*")
+    ap.add_argument("--baseline", default="", help="a copy of triton_paged_attention.py to time as variant a0")
     ap.add_argument("--report", action="store_true", help="compile reports (registers, spills, asm counts)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
