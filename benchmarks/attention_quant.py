@@ -4,7 +4,7 @@ under triton 3.2 (what vLLM 0.8.5 users run) and the box's own triton in ONE cal
 Usage (GPU box, repository root):
     python3 benchmarks/attention_quant.py $OUT [--tritons 3.2,3.6] [--bundle .gpu_bundle/triton-3.2.0.tar.xz]
         [--tests] [--sweep] [--report] [--quick] [--shapes SUBSTR,...] [--variants a,b,g,h] [--warm-procs 6]
-        [--vllm-bundle .gpu_bundle/vllm085] [--baseline FILE] [--sweep-quick]
+        [--vllm-bundle .gpu_bundle/vllm085] [--baseline FILE]
 The parent process unpacks the triton 3.2 bundle (gpu_harness/triton_bundle.py) and vLLM's bundle
 (gpu_harness/vllm_bundle.py: its site goes on PYTHONPATH with the repository, as gpu_harness/box_run.sh
 does, for every child under each triton where `import vllm` works there; else h is missing), optionally runs
@@ -108,9 +108,6 @@ SWEEP_PREFILL = {
 SWEEP_PREFILL_SHAPES = ("prefill 1x4096", "prefill 4x2048", "prefill 8x512", "prefill 8x512 d64",
                         "prefill 4x2048 d256", "chunked 2x512 ctx4096 + 30 dec")
 SWEEP_DECODE = [(64, 2, 4), (32, 2, 4), (64, 4, 3), (128, 4, 2), (32, 4, 3), (16, 2, 4), (64, 2, 3), (128, 8, 3)]
-# --sweep-quick: the d128 prefill configs that decide the routing (no decode sweep)
-SWEEP_QUICK_PREFILL = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2)]
-SWEEP_QUICK_SHAPES = ("prefill 1x4096", "prefill 4x2048", "prefill 8x512")
 SWEEP_DECODE_SHAPES = ("decode b64 ctx2048", "decode b256 ctx1024", "decode b16 ctx8192", "decode b64 ctx2048 d256",
                        "decode b64 ctx2048 d64")
 
@@ -434,11 +431,11 @@ def compile_report(kern):
 def sweep_jobs(quick=False):
     jobs = []
     by_name = {s[0]: s for s in shapes()}
-    for nm in (SWEEP_QUICK_SHAPES if quick else SWEEP_PREFILL_SHAPES):
+    for nm in SWEEP_PREFILL_SHAPES:
         sh = by_name[nm]
-        for cfg in (SWEEP_QUICK_PREFILL if quick else SWEEP_PREFILL[sh[5]]):
+        for cfg in SWEEP_PREFILL[sh[5]]:
             jobs.append(("prefill", sh, cfg))
-    for nm in (() if quick else SWEEP_DECODE_SHAPES):
+    for nm in SWEEP_DECODE_SHAPES:
         for cfg in SWEEP_DECODE:
             jobs.append(("decode", by_name[nm], cfg))
     return jobs
@@ -455,9 +452,9 @@ def _set_override(kind, cfg):
         tpa.CONFIG_OVERRIDE["decode"] = dict(BLOCK_N=bn, num_warps=w, num_stages=st)
 
 
-def run_sweep(warm_only=False, shard=(0, 1), quick=False):
+def run_sweep(warm_only=False, shard=(0, 1)):
     res = []
-    jobs = sweep_jobs(quick)
+    jobs = sweep_jobs()
     cache = {}
     for i, (kind, sh, cfg) in enumerate(jobs):
         if warm_only and i % shard[1] != shard[0]:
@@ -547,8 +544,8 @@ def child(args):
         for j, sh in enumerate(jobs):
             if j % n == i:
                 run_shape(*sh, warm_only=True, variants=variants)
-        if args.sweep or args.sweep_quick:
-            run_sweep(warm_only=True, shard=(i, n), quick=args.sweep_quick)
+        if args.sweep:
+            run_sweep(warm_only=True, shard=(i, n))
         return
     out = dict(triton=triton.__version__, torch=torch.__version__, family=fam, device=torch.cuda.get_device_name(),
                date=str(datetime.date.today()), rows=[], sweep=[], report={}, variants=variants,
@@ -564,8 +561,8 @@ def child(args):
         out["report"] = report_variants()
         for k, v in out["report"].items():
             print("report", k, json.dumps(v), flush=True)
-    if args.sweep or args.sweep_quick:
-        out["sweep"] = run_sweep(quick=args.sweep_quick)
+    if args.sweep:
+        out["sweep"] = run_sweep()
         Path(args.json).write_text(json.dumps(out, indent=1))
     for sh in shapes(args.quick):
         if not _want(sh[0], args.shapes):
@@ -732,7 +729,6 @@ def parent(args):
     sites = vllm_sites(args.vllm_bundle, fams, tdir)
     me = [sys.executable, str(Path(__file__).resolve())]
     common = (["--quick"] if args.quick else []) + (["--sweep"] if args.sweep else []) + \
-        (["--sweep-quick"] if args.sweep_quick else []) + \
         (["--baseline", str(Path(args.baseline).resolve())] if args.baseline else []) + \
         (["--shapes", args.shapes] if args.shapes else []) + ["--variants", args.variants]
     t0 = time.time()
@@ -829,7 +825,6 @@ def main():
     ap.add_argument("--bundle", default=str(_ROOT / ".gpu_bundle/triton-3.2.0.tar.xz"))
     ap.add_argument("--tests", action="store_true", help="run tests/gpu under each triton during the warm-up")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-quick", action="store_true", help="only the d128 prefill configs of SWEEP_QUICK_*")
     ap.add_argument("--baseline", default="", help="a copy of triton_paged_attention.py to time as variant a0")
     ap.add_argument("--report", action="store_true", help="compile reports (registers, spills, asm counts)")
     ap.add_argument("--quick", action="store_true")
