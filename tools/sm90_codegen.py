@@ -53,11 +53,13 @@ class _Sm90Driver:
 
 @contextlib.contextmanager
 def sm90():
+    saved = dict(vars(driver))  # reset_active() would create the real (here: absent) CUDA driver
     driver.set_active(_Sm90Driver())
     try:
         yield
     finally:
-        driver.reset_active()
+        vars(driver).clear()
+        vars(driver).update(saved)
 
 
 def compile_prefill(output, block_m, block_n, num_warps, num_stages, D=128, dense=True, Hq=32, Hkv=8, bs=16):
@@ -87,7 +89,7 @@ def compile_prefill(output, block_m, block_n, num_warps, num_stages, D=128, dens
 
 def kv_copy_vectors(ttgir: str) -> set:
     """sizePerThread of the blocked layouts the K/V tile copies (cp.async) read through."""
-    layouts = dict(re.findall(r"^(#blocked\d*) = #triton_gpu\.blocked<\{sizePerThread = (\[[^\]]*\])", ttgir, re.M))
+    layouts = dict(re.findall(r"^(#blocked\d*) = #(?:triton_gpu|ttg)\.blocked<\{sizePerThread = (\[[^\]]*\])", ttgir, re.M))
     used = set(re.findall(r"async_copy_global_to_local .*?!tt\.ptr<bf16>, (#blocked\d*)>", ttgir))
     return {layouts[u] for u in used}
 
