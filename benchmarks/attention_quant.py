@@ -4,6 +4,7 @@ under triton 3.2 (what vLLM 0.8.5 users run) and the box's own triton in ONE cal
 Usage (GPU box, repository root):
     python3 benchmarks/attention_quant.py $OUT [--tritons 3.2,3.6] [--bundle .gpu_bundle/triton-3.2.0.tar.xz]
         [--tests] [--sweep] [--report] [--quick] [--shapes SUBSTR,...] [--variants a,b,g,h] [--warm-procs 6]
+        [--phase1-timeout S]
         [--vllm-bundle .gpu_bundle/vllm085] [--baseline FILE]
 The parent process unpacks the triton 3.2 bundle (gpu_harness/triton_bundle.py) and vLLM's bundle
 (gpu_harness/vllm_bundle.py: its site goes on PYTHONPATH with the repository, as gpu_harness/box_run.sh
@@ -750,7 +751,12 @@ def parent(args):
                 env=_env_for(fam, tdir, sites[fam]),
                 stdout=log, stderr=subprocess.STDOUT), log))
     for nm, p, log in procs:
-        rc = p.wait()
+        try:
+            rc = p.wait(timeout=max(1.0, t0 + args.phase1_timeout - time.time()) if args.phase1_timeout else None)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = f"killed at the {args.phase1_timeout:.0f} s phase-1 limit"
+            p.wait()
         log.close()
         print(f"{nm}: rc={rc} ({time.time() - t0:.0f} s)", flush=True)
     for fam in fams if args.tests else ():
@@ -834,6 +840,8 @@ def main():
     ap.add_argument("--vllm-bundle", default=str(_ROOT / ".gpu_bundle/vllm085"),
                     help="vLLM bundle dir (gpu_harness/vllm_bundle.py) for h and the vLLM test; '' = none")
     ap.add_argument("--warm-procs", type=int, default=6)
+    ap.add_argument("--phase1-timeout", type=float, default=0,
+                    help="seconds for tests + warm-up; processes still running then are killed (0: no limit)")
     ap.add_argument("--test-shards", type=int, default=4)
     ap.add_argument("--ncu", action="store_true", help="ncu metrics of fused vs bf16 prefill under each triton")
     ap.add_argument("--ncu-probe", action="store_true")
