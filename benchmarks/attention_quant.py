@@ -18,6 +18,7 @@ Variants per shape (all on the same inputs; per-call times in microseconds):
   a:  paged_attention(out=fp8, output_scale, key=, value=)   fused, new tokens' K/V read densely (long
       prefills: bf16 out + quant inside the op where that is faster, triton_paged_attention._FP8_VIA_BF16)
   af: a always on the fp8 kernel (the long-prefill route off)
+  an: a with NARROW_FP8_STORE (narrow fp8 stores, the bf16 kernel's configs, no route; docs/kernel.md item 9)
   a0: a on a baseline copy of the kernel module (--baseline FILE, e.g. `git show REV:vllm_overlay/
       triton_paged_attention.py`): the kernel before a change, timed in the same rounds; asserted byte-equal
   b:  paged_attention(out=bf16, key=, value=)                same kernel, stock output
@@ -67,7 +68,7 @@ DENSE_CEILING = {"3.2": {"prefill 1x4096": 363, "prefill 4x2048": 386, "prefill 
 # (our h/g), by shape; decode shapes: GROUP_TARGET_DECODE.
 GROUP_TARGETS = {"prefill 1x128": "1.73x", "prefill 1x512": "1.35x", "prefill 1x1024": "1.08x"}
 GROUP_TARGET_DECODE = "1.02-1.06x"
-VARIANTS = ("a", "af", "a0", "b", "c", "d", "ap", "g", "h")
+VARIANTS = ("a", "af", "an", "a0", "b", "c", "d", "ap", "g", "h")
 ROUNDS = 7
 SPREAD_FLAG = 0.05
 
@@ -178,7 +179,7 @@ def set_bytes(s):
 def make_fns(sets, q_lens, kv_lens, D, scale):
     """Variant name -> callable that runs on the next input set (rotation)."""
     meta = (max(q_lens), max(kv_lens), 1.0 / math.sqrt(D))
-    state = {k: 0 for k in ("a", "a0", "b", "c", "ap", "bp", "g", "h")}  # af shares a's rotation
+    state = {k: 0 for k in ("a", "a0", "b", "c", "ap", "bp", "g", "h")}  # af, an share a's rotation
 
     def nxt(k):
         i = state[k]
@@ -230,12 +231,19 @@ def make_fns(sets, q_lens, kv_lens, D, scale):
         T = s["q"].shape[0]
         vllm_group_quant(s["out_bf"].view(T, -1), D, dtype=FP8, column_major_scales=True)
 
+    def fan():  # a with narrow fp8 stores (the switch is read at launch, so captured graphs keep it)
+        tpa.NARROW_FP8_STORE = True
+        try:
+            fa()
+        finally:
+            tpa.NARROW_FP8_STORE = False
+
     def fa0():
         s = nxt("a0")
         tpa0.paged_attention(s["q"], s["kc"], s["vc"], s["out8"], s["qsl"], s["sl"], s["bt"], *meta,
                              output_scale=scale, key=s["key"], value=s["value"])
 
-    fns = {"a": fa, "af": faf, "b": fb, "c": fc, "ap": fap, "bp": fbp, "g": fg}
+    fns = {"a": fa, "af": faf, "an": fan, "b": fb, "c": fc, "ap": fap, "bp": fbp, "g": fg}
     if tpa0 is not None:
         fns["a0"] = fa0
     if vllm_group_quant is not None:
@@ -379,6 +387,15 @@ def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variant
         torch.cuda.synchronize()
         assert torch.equal(o8.view(torch.uint8), o8u.view(torch.uint8)), f"{name}: fused != unfused"
         assert torch.equal(o8.view(torch.uint8), o8p.view(torch.uint8)), f"{name}: dense != paged-only"
+        if "an" in fns:  # narrow: the bf16 kernel's config, so the bytes of quant(own bf16 out)
+            tpa.NARROW_FP8_STORE = True
+            try:
+                tpa.paged_attention(s["q"], s["kc"], s["vc"], o8p, *meta, output_scale=scale, key=s["key"],
+                                    value=s["value"])
+            finally:
+                tpa.NARROW_FP8_STORE = False
+            torch.cuda.synchronize()
+            assert torch.equal(o8p.view(torch.uint8), o8u.view(torch.uint8)), f"{name}: an != quant(b)"
         if "a0" in fns:
             tpa0.paged_attention(s["q"], s["kc"], s["vc"], o8p, *meta, output_scale=scale, key=s["key"],
                                  value=s["value"])
@@ -573,7 +590,7 @@ def child(args):
         out["rows"].append(r)
         t, sp = r["t"], r["spread"]
         print(f"[{triton.__version__}] {r['name']:34s} " + " ".join(f"{k}={t[k]:.1f}({sp[k]*100:.1f}%)" for k in t)
-              + " " + " ".join(f"{x}/{y}={t[x] / t[y]:.3f}" for x, y in (("c", "a"), ("a", "b"), ("a0", "a"), ("h", "g"), ("g", "b"))
+              + " " + " ".join(f"{x}/{y}={t[x] / t[y]:.3f}" for x, y in (("c", "a"), ("c", "an"), ("a", "b"), ("a0", "a"), ("h", "g"), ("g", "b"))
                                if x in t and y in t), flush=True)
         Path(args.json).write_text(json.dumps(out, indent=1))  # after every row: a cut-off run keeps its rows
     Path(args.json).write_text(json.dumps(out, indent=1))
@@ -618,10 +635,10 @@ def fmt_tables(results):
         md.append(f"### triton {res['triton']} ({res['device']}, torch {res['torch']}, {res['date']})\n")
         md.append(f"Standalone static quant 4096x4096 bf16: {res['quant_us']:.1f} us.\n")
         rows = [r for r in res["rows"] if {"a", "c", "d", "ap"} & set(r["t"])]  # static-scale variants timed
-        md.append("| shape | D | a fused | af fp8 kernel | a0 baseline | b bf16 | c b+quant | d cuDNN+quant "
-                  "| ap fused paged-only | a eager | perf a | c/a | c/af | a0/a | a/b | d/a | a / dense ceiling "
-                  "| vLLM 0.8.5 (vs b) | spread a/b/c | flag |")
-        md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        md.append("| shape | D | a fused | af fp8 kernel | an narrow | a0 baseline | b bf16 | c b+quant "
+                  "| d cuDNN+quant | ap fused paged-only | a eager | perf a | c/a | c/af | c/an | a0/a | a/b | d/a "
+                  "| a / dense ceiling | vLLM 0.8.5 (vs b) | spread a/b/c | flag |")
+        md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         if not rows:
             md[-2:] = []
         for r in rows:
@@ -634,11 +651,12 @@ def fmt_tables(results):
             c = ceil.get(r["name"])
             dmode = "" if r.get("mode", {}).get("d", "graph") == "graph" else " (eager)"
             spr, _ = _spreads(sp, ("a", "b", "c"))
-            _, msp = _spreads(sp, ("a", "af", "a0", "b", "c", "d", "ap"))
+            _, msp = _spreads(sp, ("a", "af", "an", "a0", "b", "c", "d", "ap"))
             md.append(
-                f"| {r['name']} | {r['D']} | {_us(t, 'a')} | {_us(t, 'af')} | {_us(t, 'a0')} | {_us(t, 'b')} | "
-                f"{_us(t, 'c')} | {_us(t, 'd', dmode)} | {_us(t, 'ap')} | {_us(t, 'a_eager')} | {perf} | "
-                f"{_ratio(t, 'c', 'a')} | {_ratio(t, 'c', 'af')} | {_ratio(t, 'a0', 'a')} | {_ratio(t, 'a', 'b')} | "
+                f"| {r['name']} | {r['D']} | {_us(t, 'a')} | {_us(t, 'af')} | {_us(t, 'an')} | {_us(t, 'a0')} | "
+                f"{_us(t, 'b')} | {_us(t, 'c')} | {_us(t, 'd', dmode)} | {_us(t, 'ap')} | {_us(t, 'a_eager')} | "
+                f"{perf} | {_ratio(t, 'c', 'a')} | {_ratio(t, 'c', 'af')} | {_ratio(t, 'c', 'an')} | "
+                f"{_ratio(t, 'a0', 'a')} | {_ratio(t, 'a', 'b')} | "
                 f"{_ratio(t, 'd', 'a')} | {f'{t[chr(97)] / c:.2f} ({c})' if c and 'a' in t else '-'} | "
                 f"{f'{v} ({v / t[chr(98)]:.2f}x)' if v and 'b' in t else '-'} | {spr} | "
                 f"{'SPREAD>5%' if msp > SPREAD_FLAG else ''} |")

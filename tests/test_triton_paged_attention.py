@@ -261,6 +261,29 @@ def test_long_prefill_fp8_via_bf16(case, monkeypatch):
     assert calls and calls[0] == (T, Hq, D), calls
 
 
+_SQUARE = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)  # BLOCK_N == BLOCK_M: where narrowing acts
+NARROW_CASES = [
+    ([40, 1, 50, 1], [40, 90, 117, 3], 4, 2, 64, 16, {"dense": True, "prefill_cfg": _SQUARE, "t_pad": 3}),
+    ([33, 20, 1], [97, 20, 60], 8, 2, 96, 32, {"prefill_cfg": _SQUARE, "sw": 40}),
+    ([3, 20, 1], [30, 20, 70], 4, 2, 128, 16, {"kv_fp8": True}),
+    ([1, 1, 1], [30, 20, 70], 6, 2, 64, 16, {"splits": 3, "t_pad": 2}),
+]
+
+
+@pytest.mark.parametrize("case", NARROW_CASES, ids=[f"n{i}" for i in range(len(NARROW_CASES))])
+def test_narrow_fp8_store(case, monkeypatch):
+    """NARROW_FP8_STORE: the same bytes as quant(own bf16 out) (padding rows included, every element
+    written), and no long-prefill route: the fp8 kernel runs even where the route would apply."""
+    monkeypatch.setattr(tpa, "NARROW_FP8_STORE", True)
+    monkeypatch.setattr(tpa, "_FP8_VIA_BF16", {fam: {64: 2, 128: 2} for fam in ("3.2", "3.6")})
+    calls = []
+    quant = tpa.static_fp8_quant
+    monkeypatch.setattr(tpa, "static_fp8_quant", lambda *a: (calls.append(a[0].shape), quant(*a))[1])
+    q_lens, kv_lens, Hq, Hkv, D, bs, extra = case
+    run_case(q_lens, kv_lens, Hq, Hkv, D, bs, seed=hash(str(case)) % 1000, **extra)
+    assert not calls, calls
+
+
 def test_fp8_via_bf16_into_strided_out():
     """out as a head slice of a wider tensor (not contiguous): the route writes only its elements."""
     q, kc, vc, qsl, sl, bt = make_batch([30, 1], [30, 60], 4, 2, 64, 16, seed=5)

@@ -2,13 +2,15 @@
 
     .venv/bin/python tools/sm90_codegen.py [--configs 128,128,8,2 128,64,8,3 64,64,4,3,64] [--out DIR]
 
-Triton lowers to TTGIR, PTX and a cubin without a device: a stand-in driver answers triton's "current
-device / target" questions with sm_90, `JITFunction.warmup` compiles without launching, and the wheel's
-own `cuobjdump` reads registers and stack (spills) from the cubin. Per prefill config (BLOCK_M,
-BLOCK_N, warps, stages) and output (bf16, static fp8, group fp8) it prints registers, stack, shared
-memory and the per-thread vector of the K/V tile copies (`sizePerThread` of their blocked layout),
-with the installed triton (3.2 in .venv: what vLLM 0.8.5 users run). Costs no device time; the H100
-measures speed (benchmarks/attention_quant.py), this shows the code the speed comes from.
+Triton lowers to TTGIR, PTX and a cubin without a device. Here `paged_attention` itself runs on CPU
+tensors (its host code only validates and picks configs), and its kernel launches become
+`JITFunction.warmup` (compile, no launch) under a stand-in driver that answers triton's "current
+device / target" questions with sm_90; the wheel's own `cuobjdump` reads registers and stack (spills)
+from the cubin. Per prefill config (BLOCK_M, BLOCK_N, warps, stages[, head size, default 128]) and
+output (bf16, static fp8, group fp8; the fp8 ones with and without NARROW_FP8_STORE) it prints
+registers, stack, shared memory and the per-thread vector of the K/V tile copies (`sizePerThread` of
+their blocked layout) under the installed triton (3.2 in .venv: what vLLM 0.8.5 users run). Costs no
+device time: the H100 measures speed (benchmarks/attention_quant.py), this shows the code it comes from.
 """
 
 import argparse
@@ -35,7 +37,7 @@ _spec = importlib.util.spec_from_file_location(
 tpa = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tpa)
 
-OUTPUTS = ("bf16", "fp8", "group")
+OUTPUTS = ("bf16", "fp8", "fp8 narrow", "group", "group narrow")
 
 
 class _Sm90Driver:
@@ -51,45 +53,65 @@ class _Sm90Driver:
         return GPUTarget("cuda", 90, 32)
 
 
+class _CompileOnly:
+    """Stands in for a @triton.jit kernel: `kernel[grid](...)` compiles for sm_90 and returns it."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.fn.warmup(*args, grid=grid, **kwargs)
+
+
 @contextlib.contextmanager
 def sm90():
     saved = dict(vars(driver))  # reset_active() would create the real (here: absent) CUDA driver
     driver.set_active(_Sm90Driver())
+    kernel = tpa._paged_attn_fwd_kernel
+    tpa._paged_attn_fwd_kernel = _CompileOnly(kernel)
     try:
         yield
     finally:
+        tpa._paged_attn_fwd_kernel = kernel
         vars(driver).clear()
         vars(driver).update(saved)
 
 
-def compile_prefill(output, block_m, block_n, num_warps, num_stages, D=128, dense=True, Hq=32, Hkv=8, bs=16):
-    """The tile-mode launch of paged_attention (prefill, bf16 query, D a power of two) as a CompiledKernel
-    for sm_90."""
+def compile_prefill(output, block_m, block_n, num_warps, num_stages, D=128, Hq=32, Hkv=8, bs=16, q_len=4096):
+    """The prefill kernel `paged_attention` launches for one sequence of q_len new tokens (bf16 query,
+    dense new-token K/V) at the given config, compiled for sm_90."""
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
-    G = Hq // Hkv
-    q = torch.empty(16, Hq, D, dtype=bf16)  # CPU tensors: only dtypes and 16-byte alignment matter
-    cache = torch.empty(16, bs, Hkv, D, dtype=bf16)
-    out = torch.empty(16, Hq, D, dtype=bf16 if output == "bf16" else fp8)
-    i32 = torch.empty(16, dtype=torch.int32)
-    out_scale = torch.ones(1, dtype=torch.float32) if output == "fp8" else 1.0
-    group = torch.empty(16, Hq, dtype=torch.float32) if output == "group" else q
-    strides = (Hq * D, D, bs * Hkv * D, Hkv * D, D, bs * Hkv * D, Hkv * D, D, Hq * D, D, 256,
-               Hq if output == "group" else 0, 1 if output == "group" else 0)
-    dense_strides = (Hkv * D, D, Hkv * D, D) if dense else (0, 0, 0, 0)
-    with sm90():
-        return tpa._paged_attn_fwd_kernel.warmup(
-            q, cache, cache, out, i32, i32, i32, q, q, q, q, group, 1.0, 1.0, out_scale, 0.088, 4, 4096, 1,
-            *strides, *dense_strides, grid=(1,),
-            G=G, NUM_Q_HEADS=Hq, HEAD_D=D, HEAD_D_PAD=D, KV_BLOCK_SIZE=bs, SLIDING_WINDOW=0,
-            KS_PTR=False, VS_PTR=False, OS_PTR=output == "fp8", HAS_KV_SCALE=False,
-            OUT_FP8=output != "bf16", Q_BF16=True, OUT_GROUP=output == "group", DOT_F32=False,
-            PRE_ROUND=False, BLOCK_M=block_m, BLOCK_Q=block_m // G, BLOCK_N=block_n, SEQ_GRID=False,
-            SKIP_DECODE=True, USE_SPLIT=False, DENSE_KV=dense, num_warps=num_warps, num_stages=num_stages)
+    T, n_blocks = 64, q_len // bs  # CPU tensors: only dtypes, strides and 16-byte alignment reach the compile
+    q = torch.empty(T, Hq, D, dtype=bf16)
+    kv = torch.empty(T, Hkv, D, dtype=bf16)
+    cache = torch.empty(n_blocks, bs, Hkv, D, dtype=bf16)
+    out = torch.empty(T, Hq, D, dtype=bf16 if output == "bf16" else fp8)
+    kw = dict(key=kv, value=kv)
+    if output.startswith("fp8"):
+        kw["output_scale"] = torch.ones(1)
+    if output.startswith("group"):
+        kw["output_group_scale"] = torch.empty(T, Hq)
+    qsl = torch.tensor([0, T], dtype=torch.int32)
+    seq_lens = torch.tensor([q_len], dtype=torch.int32)
+    block_table = torch.zeros(1, n_blocks, dtype=torch.int32)
+    saved = (dict(tpa.CONFIG_OVERRIDE), getattr(tpa, "NARROW_FP8_STORE", False))
+    tpa.CONFIG_OVERRIDE.update(prefill=dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+                                            num_stages=num_stages), fp8_via_bf16=1 << 62)
+    tpa.NARROW_FP8_STORE = output.endswith("narrow")
+    try:
+        with sm90():
+            tpa.paged_attention(q, cache, cache, out, qsl, seq_lens, block_table, q_len, q_len, D ** -0.5, **kw)
+            return tpa.LAST_LAUNCH["prefill"]
+    finally:
+        tpa.CONFIG_OVERRIDE.clear()
+        tpa.CONFIG_OVERRIDE.update(saved[0])
+        tpa.NARROW_FP8_STORE = saved[1]
 
 
 def kv_copy_vectors(ttgir: str) -> set:
     """sizePerThread of the blocked layouts the K/V tile copies (cp.async) read through."""
-    layouts = dict(re.findall(r"^(#blocked\d*) = #(?:triton_gpu|ttg)\.blocked<\{sizePerThread = (\[[^\]]*\])", ttgir, re.M))
+    layouts = dict(re.findall(r"^(#blocked\d*) = #(?:triton_gpu|ttg)\.blocked<\{sizePerThread = (\[[^\]]*\])",
+                              ttgir, re.M))
     used = set(re.findall(r"async_copy_global_to_local .*?!tt\.ptr<bf16>, (#blocked\d*)>", ttgir))
     return {layouts[u] for u in used}
 
@@ -110,10 +132,10 @@ def report(configs, out_dir=None):
     for cfg in configs:
         for output in OUTPUTS:
             k = compile_prefill(output, *cfg)
-            row = dict(config=cfg, output=output, kv_vec=sorted(kv_copy_vectors(k.asm["ttgir"])), **resources(k))
-            rows.append(row)
+            rows.append(dict(config=cfg, output=output, kv_vec=sorted(kv_copy_vectors(k.asm["ttgir"])),
+                             **resources(k)))
             if out_dir:
-                stem = Path(out_dir) / f"{output}_{'x'.join(map(str, cfg))}"
+                stem = Path(out_dir) / f"{output.replace(' ', '_')}_{'x'.join(map(str, cfg))}"
                 stem.parent.mkdir(parents=True, exist_ok=True)
                 for ext in ("ttgir", "ptx"):
                     stem.with_suffix(f".{ext}").write_text(k.asm[ext])
@@ -133,7 +155,7 @@ def main():
         return
     print(f"triton {triton.__version__}, target sm_90")
     for r in rows:
-        print(f"{str(r['config']):18s} {r['output']:5s} regs {r['regs']:3d} stack {r['stack']:4d} "
+        print(f"{str(r['config']):18s} {r['output']:12s} regs {r['regs']:3d} stack {r['stack']:4d} "
               f"shared {r['shared']:6d} K/V copy vector per thread {', '.join(r['kv_vec'])}")
 
 

@@ -62,6 +62,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # runs both settings), so it is skipped on the GPU (it cost up to 7% on short prefills).
 # Module-level switch, read at every launch: True forces it.
 PRE_ROUND_FP8 = False
+# Narrow fp8 stores (`_out_cols`; docs/kernel.md item 9): the fp8 kernels then compile to the bf16
+# kernel's main loops, share its tile configs and skip the long-prefill route (_FP8_VIA_BF16). Off until
+# measured on the H100 (the code was read from sm_90 compiles on a CPU, never timed). Module-level switch,
+# read at every launch.
+NARROW_FP8_STORE = False
 TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 _LOG2E = 1.4426950408889634
 
@@ -306,17 +311,17 @@ def _kv_tile_loop(acc, l_i, m_i, q, K, V, bt_row, k_head_off, v_head_off,
 
 
 @triton.jit
-def _out_cols(offs_d, OUT_FP8: tl.constexpr):
+def _out_cols(offs_d, NARROW: tl.constexpr):
     """Column offsets [HEAD_D_PAD] for the output store.
 
     Triton's coalescing gives all loads and stores that share index arithmetic the widest vector any
-    of them can use. An fp8 store of contiguous columns asks for 16 elements (16 bytes) per thread,
-    which widens the bf16 Q/K/V loads of the main loop to 16 elements (two 16-byte copies per row and
-    more address registers; measured 8-10% slower on triton 3.2 at 128x128 tiles). Written as
-    (d // 8) * 8 + d % 8 the offsets are the same, but their provable contiguity is 8: fp8 stores of
-    8 bytes, and the loads keep 8 bf16 (16 bytes) per thread, as in the bf16-output kernel.
+    of them can use, among those of the same tensor shape. A contiguous fp8 store can use 16 elements
+    (16 bytes) per thread, so where a K/V tile has the output tile's shape (BLOCK_N == BLOCK_M) the
+    bf16 K/V copies of the main loop widen to 16 elements per thread (two 16-byte copies per chunk,
+    more address registers) instead of the bf16 kernel's 8. NARROW writes the same offsets as
+    (d // 8) * 8 + d % 8, whose provable contiguity is 8: 8-byte fp8 stores, 8 bf16 per K/V copy.
     """
-    if OUT_FP8:
+    if NARROW:
         return (offs_d // 8) * 8 + offs_d % 8
     return offs_d
 
@@ -366,7 +371,7 @@ def _paged_attn_fwd_kernel(
     KS_PTR: tl.constexpr, VS_PTR: tl.constexpr, OS_PTR: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
     OUT_FP8: tl.constexpr, Q_BF16: tl.constexpr, OUT_GROUP: tl.constexpr,
     SEQ_GRID: tl.constexpr, SKIP_DECODE: tl.constexpr, USE_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-    PRE_ROUND: tl.constexpr, DENSE_KV: tl.constexpr,
+    PRE_ROUND: tl.constexpr, DENSE_KV: tl.constexpr, NARROW_OUT: tl.constexpr,
 ):
     """One program: BLOCK_Q query tokens x the G query heads of one KV head (rows = BLOCK_M >= BLOCK_Q*G).
 
@@ -419,7 +424,7 @@ def _paged_attn_fwd_kernel(
             tok = q_start + j * BLOCK_Q + tok_in_tile
             pmask = (tok_in_tile < BLOCK_Q) & (tok < num_tokens) & (sid == 0)
             o_ptrs = Out + tok.to(tl.int64)[:, None] * stride_ot + q_head[:, None] * stride_oh \
-                + _out_cols(offs_d, OUT_FP8)[None, :]
+                + _out_cols(offs_d, NARROW_OUT)[None, :]
             zero = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
             s_offs = tok.to(tl.int64) * stride_st + q_head * stride_sh
             _store_output(Out, o_ptrs, zero, pmask[:, None] & dmask[None, :], 1.0, OutS, s_offs, pmask,
@@ -552,7 +557,7 @@ def _paged_attn_fwd_kernel(
             else:
                 inv_os = 1.0
             o_ptrs = Out + q_tok[:, None] * stride_ot + q_head[:, None] * stride_oh \
-                + _out_cols(offs_d, OUT_FP8)[None, :]
+                + _out_cols(offs_d, NARROW_OUT)[None, :]
             s_offs = q_tok * stride_st + q_head * stride_sh
             _store_output(Out, o_ptrs, o, row_valid[:, None] & dmask[None, :], inv_os, OutS, s_offs, row_valid,
                           OUT_FP8, Q_BF16, PRE_ROUND, OUT_GROUP)
@@ -631,14 +636,15 @@ def _next_pow2(x: int) -> int:
 # Picked on the H100 from `benchmarks/attention_quant.py --sweep` (2026-11-25; docs/kernel.md).
 # Prefill entries: (head_d_pad limit, wide) -> config, first match wins; None matches either. "wide"
 # (host-side hints, no device sync) = context-heavy (max_seq_len > 2 * max_query_len: chunked prefills,
-# prefills mixed with long decodes) or a long prefill (max_query_len >= _LONG_PREFILL). The fp8- and
-# bf16-output kernels share configs (their main loops are the same code since `_out_cols`).
+# prefills mixed with long decodes) or a long prefill (max_query_len >= _LONG_PREFILL) with bf16/fp16 out
+# (or any out with NARROW_FP8_STORE).
 _PREFILL_CFGS = {
     "3.2": [
         ((64, None), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+        # fused == bf16 speed with 64-key tiles (a/b 0.99-1.005); 128x128 makes the fp8 variant 6-12% slower
         ((128, False), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
-        # paged context: 128-key tiles are 20% faster (chunked 2x512 ctx4096: 305 vs 376 us); long
-        # prefills: 8-10% faster (bf16 out: 1x4096 372 vs 405 us, 4x2048 440 vs 488)
+        # paged context: 128-key tiles are 20% faster (chunked 2x512 ctx4096: 305 vs 376 us); bf16 out of
+        # long prefills: 8-10% faster (1x4096 372 vs 405 us, 4x2048 440 vs 488)
         ((128, True), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)),
         ((1 << 30, None), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
     ],
@@ -657,16 +663,18 @@ _DECODE_CFGS = {
 }
 
 
-# A prefill is "long" from this max_query_len on. Static-FP8 output of a long d128 prefill may run as bf16
-# output plus static_fp8_quant where that was measured faster than the fp8 kernel
-# (_FP8_VIA_BF16[family][head_d_pad]: max_query_len from which it does; docs/kernel.md items 8-9).
-# Triton 3.6: from 1x8192 on. Triton 3.2: no longer (the fp8 kernel's loads were widened until `_out_cols`).
+# A prefill is "long" from this max_query_len on. Static-FP8 output of a long d128 prefill runs as bf16
+# output plus static_fp8_quant where that was measured faster than the fp8 specialisation of the kernel
+# (_FP8_VIA_BF16[family][head_d_pad]: max_query_len from which it does; docs/kernel.md item 8). Triton
+# 3.2: the bf16 variant's best config (128x128) is 8-10% faster than the fp8 variant at any config, more
+# than the 17 us the quant costs per 4096 x 4096 (d256: a == b, no route). Triton 3.6: from 1x8192 on.
 _LONG_PREFILL = 2048
-_FP8_VIA_BF16 = {"3.2": {}, "3.6": {128: 8192}}
+_FP8_VIA_BF16 = {"3.2": {128: _LONG_PREFILL}, "3.6": {128: 8192}}
 
 
 def _fp8_via_bf16(head_d_pad: int, max_query_len: int) -> bool:
-    lim = CONFIG_OVERRIDE.get("fp8_via_bf16", _FP8_VIA_BF16[_version_family()].get(head_d_pad, 1 << 62))
+    default = 1 << 62 if NARROW_FP8_STORE else _FP8_VIA_BF16[_version_family()].get(head_d_pad, 1 << 62)
+    lim = CONFIG_OVERRIDE.get("fp8_via_bf16", default)
     return max_query_len >= lim
 
 
@@ -674,8 +682,10 @@ def _version_family() -> str:
     return "3.2" if TRITON_VERSION < (3, 3) else "3.6"
 
 
-def _prefill_config(head_d_pad: int, g: int, kv_fp8: bool, max_query_len: int, max_seq_len: int = 0) -> dict:
-    wide = max_seq_len > 2 * max_query_len or max_query_len >= _LONG_PREFILL
+def _prefill_config(head_d_pad: int, g: int, kv_fp8: bool, max_query_len: int, max_seq_len: int = 0,
+                    out_fp8: bool = False) -> dict:
+    long_wide = (NARROW_FP8_STORE or not out_fp8) and max_query_len >= _LONG_PREFILL
+    wide = max_seq_len > 2 * max_query_len or long_wide
     for (d_lim, w), c in _PREFILL_CFGS[_version_family()]:
         if head_d_pad <= d_lim and (w is None or w == wide):
             cfg = dict(c)
@@ -854,6 +864,7 @@ def paged_attention(
         G=G, NUM_Q_HEADS=Hq, HEAD_D=D, HEAD_D_PAD=d_pad, KV_BLOCK_SIZE=bs, SLIDING_WINDOW=sw,
         KS_PTR=ks_ptr, VS_PTR=vs_ptr, OS_PTR=os_ptr, HAS_KV_SCALE=has_kv_scale,
         OUT_FP8=out_fp8, Q_BF16=q_bf16, OUT_GROUP=out_group, DOT_F32=_INTERPRET, PRE_ROUND=PRE_ROUND_FP8 or _INTERPRET,
+        NARROW_OUT=out_fp8 and NARROW_FP8_STORE,
     )
     strides = (query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -866,7 +877,7 @@ def paged_attention(
 
     pure_decode = max_query_len <= 1
     if not pure_decode:
-        cfg = _prefill_config(d_pad, G, kv_fp8, max_query_len, max_seq_len)
+        cfg = _prefill_config(d_pad, G, kv_fp8, max_query_len, max_seq_len, out_fp8)
         block_m = cfg["BLOCK_M"]
         block_q = max(1, block_m // G)
         grid = (triton.cdiv(T, block_q) + B, Hkv, 1)

@@ -89,11 +89,22 @@ def new_token_kv(kc, vc, q_lens, kv_lens, bt, dtype, t_pad=0):
 
 
 def check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch.bfloat16, t_pad=0,
-               seed=0, q_view=False, dense=False, via_bf16=None):
+               seed=0, q_view=False, dense=False, via_bf16=None, own_exact=True, narrow=False):
+    """own_exact: fp8 out byte-equal to quant(own bf16 out); not when the two run different tile configs
+    (summation order), e.g. the fp8 kernel of a long prefill forced on triton 3.2. narrow: with
+    NARROW_FP8_STORE (fp8 kernels at the bf16 configs, so byte-equal again)."""
+    if narrow:
+        tpa.NARROW_FP8_STORE = True
+        try:
+            return check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw, kv_fp8, dtype, t_pad, seed, q_view, dense,
+                              via_bf16, own_exact)
+        finally:
+            tpa.NARROW_FP8_STORE = False
     if via_bf16 is not None:  # static fp8 out of prefills from this max_query_len on: bf16 out + quant
         tpa.CONFIG_OVERRIDE["fp8_via_bf16"] = via_bf16
         try:
-            return check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw, kv_fp8, dtype, t_pad, seed, q_view, dense)
+            return check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw, kv_fp8, dtype, t_pad, seed, q_view, dense,
+                              own_exact=own_exact)
         finally:
             tpa.CONFIG_OVERRIDE.pop("fp8_via_bf16", None)
     q, kc, vc, qsl, sl, bt = make_batch(q_lens, kv_lens, Hq, Hkv, D, bs, dtype, kv_fp8, t_pad, seed)
@@ -127,7 +138,12 @@ def check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=tor
     torch.cuda.synchronize()
     assert not out8.float().isnan().any(), "unwritten / NaN fp8 output"
     own = tpa.static_fp8_quant_reference(out, os_)
-    assert torch.equal(out8.view(torch.uint8), own.view(torch.uint8)), "fused fp8 != quant(own bf16 out)"
+    if own_exact:
+        assert torch.equal(out8.view(torch.uint8), own.view(torch.uint8)), "fused fp8 != quant(own bf16 out)"
+    else:
+        a, b = out8.float(), own.float()
+        near = (fp8_code_distance(out8, own) <= 1) | ((a - b).abs() <= 1e-2 * b.abs().max())
+        assert near.all(), f"{(~near).sum().item()} fp8 elements > 1 step from quant(own bf16 out)"
     r8 = tpa.static_fp8_quant_reference(ref.to(dtype), os_)
     a, b = out8.float(), r8.float()
     ok = (fp8_code_distance(out8, r8) <= 1) | ((a - b).abs() <= 1e-2 * b.abs().max())
@@ -195,8 +211,12 @@ def _cases():
     # the long-prefill route forced on (both tritons), and off for a prefill the version would route
     cases.append(("route_mixed_strided", [2048, 300, 1], [2048, 900, 1000], 32, 8, 128, 16,
                   {"dense": True, "q_view": True, "via_bf16": 2}))
-    # the fp8 kernel of a long prefill: same tile config as the bf16 kernel, so byte-equal to quant(bf16)
-    cases.append(("no_route_prefill_2048", [2048], [2048], 32, 8, 128, 16, {"dense": True, "via_bf16": 1 << 30}))
+    cases.append(("no_route_prefill_2048", [2048], [2048], 32, 8, 128, 16,
+                  {"dense": True, "via_bf16": 1 << 30, "own_exact": False}))
+    # NARROW_FP8_STORE: a long prefill with a mixed tail, a chunk on paged context, d64, the padding rows
+    cases.append(("narrow_long_mixed", [2048, 300, 1], [2048, 900, 1000], 32, 8, 128, 16,
+                  {"dense": True, "narrow": True, "t_pad": 5}))
+    cases.append(("narrow_chunk_d64", [512, 1], [4608, 700], 32, 8, 64, 16, {"dense": True, "narrow": True}))
     return cases
 
 
