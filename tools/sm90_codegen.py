@@ -6,10 +6,10 @@ Triton lowers to TTGIR, PTX and a cubin without a device. Here `paged_attention`
 tensors (its host code only validates and picks configs), and its kernel launches become
 `JITFunction.warmup` (compile, no launch) under a stand-in driver that answers triton's "current
 device / target" questions with sm_90; the wheel's own `cuobjdump` reads registers and stack (spills)
-from the cubin. Per prefill config (BLOCK_M, BLOCK_N, warps, stages[, head size, default 128]) and
+from the cubin, its `nvdisasm` the SASS. Per prefill config (BLOCK_M, BLOCK_N, warps, stages[, head size, default 128]) and
 output (bf16, static fp8, group fp8; the fp8 ones with and without NARROW_FP8_STORE) it prints
-registers, stack, shared memory and the per-thread vector of the K/V tile copies (`sizePerThread` of
-their blocked layout) under the installed triton (3.2 in .venv: what vLLM 0.8.5 users run). Costs no
+registers, stack, shared memory, the per-thread vector of the K/V tile copies (`sizePerThread` of
+their blocked layout) and the instructions per iteration of each main loop (the loops holding wgmma) under the installed triton (3.2 in .venv: what vLLM 0.8.5 users run). Costs no
 device time: the H100 measures speed (benchmarks/attention_quant.py), this shows the code it comes from.
 """
 
@@ -127,13 +127,42 @@ def resources(kernel) -> dict:
     return dict(regs=int(m.group(1)), stack=int(m.group(2)), shared=kernel.metadata.shared)
 
 
+def main_loops(kernel) -> list:
+    """Instruction count of each SASS loop (a backward branch) that holds an HGMMA, in code order."""
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    label_at, ins, label = {}, [], None
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.(L_x_\d+):", line)
+        if m:
+            label = m.group(1)
+            continue
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            addr = int(m.group(1), 16)
+            if label:
+                label_at[label], label = addr, None
+            ins.append((addr, m.group(2)))
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", text)
+        if m and label_at.get(m.group(1), addr) < addr:
+            body = [t for a, t in ins if label_at[m.group(1)] <= a <= addr]
+            if any("HGMMA" in t for t in body):
+                loops.append(len(body))
+    return loops
+
+
 def report(configs, out_dir=None):
     rows = []
     for cfg in configs:
         for output in OUTPUTS:
             k = compile_prefill(output, *cfg)
             rows.append(dict(config=cfg, output=output, kv_vec=sorted(kv_copy_vectors(k.asm["ttgir"])),
-                             **resources(k)))
+                             loops=main_loops(k), **resources(k)))
             if out_dir:
                 stem = Path(out_dir) / f"{output.replace(' ', '_')}_{'x'.join(map(str, cfg))}"
                 stem.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +185,8 @@ def main():
     print(f"triton {triton.__version__}, target sm_90")
     for r in rows:
         print(f"{str(r['config']):18s} {r['output']:12s} regs {r['regs']:3d} stack {r['stack']:4d} "
-              f"shared {r['shared']:6d} K/V copy vector per thread {', '.join(r['kv_vec'])}")
+              f"shared {r['shared']:6d} K/V copy vector {', '.join(r['kv_vec'])} "
+              f"loop instructions {' / '.join(map(str, r['loops']))}")
 
 
 if __name__ == "__main__":
