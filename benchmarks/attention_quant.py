@@ -819,25 +819,29 @@ def parent(args):
 
 
 def _plot(results, out_dir):
+    """Per triton: each variant's time over the fused kernel's (a), with vLLM 0.8.5's stock Triton path
+    and the dense-Triton ceiling of the same triton (VLLM_ANCHORS / DENSE_CEILING) where known."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(results), 1, figsize=(12, 4.5 * len(results)), squeeze=False)
+    bars = (("a", "fused fp8 (a)"), ("an", "fused fp8, narrow store"), ("b", "bf16 out"), ("c", "bf16 + quant"),
+            ("d", "cuDNN + quant"), ("vllm", "vLLM 0.8.5 stock (bf16)"), ("ceil", "dense Triton ceiling"))
+    fig, axes = plt.subplots(len(results), 1, figsize=(13, 4.5 * len(results)), squeeze=False)
     for ax, res in zip(axes[:, 0], results):
-        rows = res["rows"]
-        xs = range(len(rows))
-        w = 0.2
-        for i, (k, lab) in enumerate((("a", "fused fp8"), ("b", "bf16 out"), ("c", "bf16 + quant"),
-                                      ("d", "cuDNN + quant"))):
-            nan = float("nan")
-            ax.bar([x + (i - 1.5) * w for x in xs], [r["t"].get(k, nan) / r["t"].get("a", nan) for r in rows], w,
-                   label=lab)
-        ax.set_xticks(list(xs))
+        rows = [r for r in res["rows"] if "a" in r["t"]]
+        extra = {"vllm": VLLM_ANCHORS.get(res["family"], {}), "ceil": DENSE_CEILING.get(res["family"], {})}
+        shown = [(k, lab) for k, lab in bars if any(k in r["t"] or r["name"] in extra.get(k, {}) for r in rows)]
+        w = 0.8 / max(len(shown), 1)
+        for i, (k, lab) in enumerate(shown):
+            ys = [(r["t"].get(k) or extra.get(k, {}).get(r["name"], float("nan"))) / r["t"]["a"] for r in rows]
+            ax.bar([x + (i - (len(shown) - 1) / 2) * w for x in range(len(rows))], ys, w, label=lab,
+                   color=f"C{[b[0] for b in bars].index(k)}")  # one colour per variant in every panel
+        ax.set_xticks(list(range(len(rows))))
         ax.set_xticklabels([r["name"] for r in rows], rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel("time / fused time")
+        ax.set_ylabel("time / fused time (a)")
         ax.axhline(1.0, color="k", lw=0.5)
-        ax.set_title(f"triton {res['triton']}, {res['device']}")
-        ax.legend(fontsize=7)
+        ax.set_title(f"triton {res['triton']}, {res['device']} (vLLM stock and dense ceiling: H100 anchors)")
+        ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(out_dir / "attention_quant.png", dpi=100)
 
