@@ -116,24 +116,25 @@ def kv_copy_vectors(ttgir: str) -> set:
     return {layouts[u] for u in used}
 
 
-def resources(kernel) -> dict:
-    """Registers and stack bytes from the cubin (cuobjdump -res-usage), shared bytes from the metadata."""
-    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+def _cubin_tool(kernel, tool: str, *flags) -> str:
+    """stdout of one of the triton wheel's CUDA binary tools (cuobjdump, nvdisasm) on the kernel's cubin."""
+    exe = Path(triton.__file__).parent / "backends/nvidia/bin" / tool
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(exe), *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(kernel) -> dict:
+    """Registers and stack bytes from the cubin (cuobjdump -res-usage), shared bytes from the metadata."""
+    usage = _cubin_tool(kernel, "cuobjdump", "-res-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     return dict(regs=int(m.group(1)), stack=int(m.group(2)), shared=kernel.metadata.shared)
 
 
 def main_loops(kernel) -> list:
     """Instruction count of each SASS loop (a backward branch) that holds an HGMMA, in code order."""
-    tool = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    sass = _cubin_tool(kernel, "nvdisasm", "-c")
     label_at, ins, label = {}, [], None
     for line in sass.splitlines():
         m = re.match(r"\s*\.(L_x_\d+):", line)
