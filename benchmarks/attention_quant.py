@@ -41,6 +41,7 @@ division, tests/gpu/test_group_quant_gpu.py's group_quant_triton_div).
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -176,6 +177,15 @@ def set_bytes(s):
     return sum(t.numel() * t.element_size() for t in s.values())
 
 
+@contextlib.contextmanager
+def narrow_fp8_store():
+    tpa.NARROW_FP8_STORE = True
+    try:
+        yield
+    finally:
+        tpa.NARROW_FP8_STORE = False
+
+
 def make_fns(sets, q_lens, kv_lens, D, scale):
     """Variant name -> callable that runs on the next input set (rotation)."""
     meta = (max(q_lens), max(kv_lens), 1.0 / math.sqrt(D))
@@ -232,11 +242,8 @@ def make_fns(sets, q_lens, kv_lens, D, scale):
         vllm_group_quant(s["out_bf"].view(T, -1), D, dtype=FP8, column_major_scales=True)
 
     def fan():  # a with narrow fp8 stores (the switch is read at launch, so captured graphs keep it)
-        tpa.NARROW_FP8_STORE = True
-        try:
+        with narrow_fp8_store():
             fa()
-        finally:
-            tpa.NARROW_FP8_STORE = False
 
     def fa0():
         s = nxt("a0")
@@ -388,12 +395,9 @@ def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variant
         assert torch.equal(o8.view(torch.uint8), o8u.view(torch.uint8)), f"{name}: fused != unfused"
         assert torch.equal(o8.view(torch.uint8), o8p.view(torch.uint8)), f"{name}: dense != paged-only"
         if "an" in fns:  # narrow: the bf16 kernel's config, so the bytes of quant(own bf16 out)
-            tpa.NARROW_FP8_STORE = True
-            try:
+            with narrow_fp8_store():
                 tpa.paged_attention(s["q"], s["kc"], s["vc"], o8p, *meta, output_scale=scale, key=s["key"],
                                     value=s["value"])
-            finally:
-                tpa.NARROW_FP8_STORE = False
             torch.cuda.synchronize()
             assert torch.equal(o8p.view(torch.uint8), o8u.view(torch.uint8)), f"{name}: an != quant(b)"
         if "a0" in fns:

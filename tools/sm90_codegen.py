@@ -94,18 +94,14 @@ def compile_prefill(output, block_m, block_n, num_warps, num_stages, D=128, Hq=3
     qsl = torch.tensor([0, T], dtype=torch.int32)
     seq_lens = torch.tensor([q_len], dtype=torch.int32)
     block_table = torch.zeros(1, n_blocks, dtype=torch.int32)
-    saved = (dict(tpa.CONFIG_OVERRIDE), getattr(tpa, "NARROW_FP8_STORE", False))
+    # this tool's own copy of the module: its switches are set per compile, nothing to restore
+    tpa.CONFIG_OVERRIDE.clear()
     tpa.CONFIG_OVERRIDE.update(prefill=dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
                                             num_stages=num_stages), fp8_via_bf16=1 << 62)
     tpa.NARROW_FP8_STORE = output.endswith("narrow")
-    try:
-        with sm90():
-            tpa.paged_attention(q, cache, cache, out, qsl, seq_lens, block_table, q_len, q_len, D ** -0.5, **kw)
-            return tpa.LAST_LAUNCH["prefill"]
-    finally:
-        tpa.CONFIG_OVERRIDE.clear()
-        tpa.CONFIG_OVERRIDE.update(saved[0])
-        tpa.NARROW_FP8_STORE = saved[1]
+    with sm90():
+        tpa.paged_attention(q, cache, cache, out, qsl, seq_lens, block_table, q_len, q_len, D ** -0.5, **kw)
+        return tpa.LAST_LAUNCH["prefill"]
 
 
 def kv_copy_vectors(ttgir: str) -> set:
