@@ -56,14 +56,16 @@ def test_group_reference_is_vllm_arithmetic():
     assert float(s[2, 1]) == float(torch.tensor(1e-10, dtype=torch.float32) / 448)
 
 
+@pytest.mark.parametrize("stores", ["wide", "narrow"])  # narrow: forced (static FP8 gets it by default)
 @pytest.mark.parametrize("column_major", [False, True], ids=["rowmajor", "colmajor"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_group_epilogue_matches_bf16_then_vllm_group_quant(case, column_major):
+def test_group_epilogue_matches_bf16_then_vllm_group_quant(case, column_major, stores):
     q_lens, kv_lens, Hq, Hkv, D, splits, t_pad = CASES[case]
     q, kc, vc, qsl, sl, bt = make_batch(q_lens, kv_lens, Hq, Hkv, D, 16, t_pad=t_pad, seed=3)
     T = q.shape[0]
     args = (qsl, sl, bt, max(q_lens), max(kv_lens), 1.0 / math.sqrt(D))
     tpa.CONFIG_OVERRIDE.clear()
+    tpa.CONFIG_OVERRIDE["narrow_fp8_store"] = 0 if stores == "narrow" else 1 << 62
     if splits is not None:
         tpa.CONFIG_OVERRIDE["num_splits"] = splits
     try:

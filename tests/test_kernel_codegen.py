@@ -5,8 +5,9 @@ widest vector any of them can use. The fp8 output store can use 16 one-byte elem
 where a K/V tile has the output tile's shape (BLOCK_N == BLOCK_M: triton 3.2's 128x128 and 64x64
 configs) the main loop's bf16 K/V copies widen from the bf16 kernel's 8 to 16 elements per thread;
 on the H100 the fp8 kernel was 8-10% slower than the bf16 kernel at 128x128 (docs/kernel.md items
-4 and 9). NARROW_FP8_STORE gives the fp8 kernels the bf16 kernel's copies at every prefill config in
-use on the venv's triton (3.2, vLLM 0.8.5's); off by default until timed on the H100.
+4 and 9). Narrow fp8 stores (`_out_cols`, CONFIG_OVERRIDE["narrow_fp8_store"]; by default for static
+FP8 output of d128 prefills from 2048 query tokens) give the fp8 kernels the bf16 kernel's copies at every prefill config
+in use on the venv's triton (3.2, vLLM 0.8.5's).
 """
 
 import json
@@ -40,6 +41,6 @@ def test_narrow_fp8_store_keeps_the_bf16_kv_copy_vector():
         assert vec[cfg, "bf16"] == ["[1, 8]"], (cfg, vec[cfg, "bf16"])  # 8 bf16: one 16-byte cp.async
         for out in ("fp8 narrow", "group narrow"):
             assert vec[cfg, out] == vec[cfg, "bf16"], (cfg, out, vec[cfg, out])
-    # the mechanism the switch undoes: at 128x128 (3.2's long-prefill config) the plain fp8 store widens them
+    # the mechanism narrow stores undo: at 128x128 (3.2's long-prefill config) the plain fp8 store widens them
     wide = [c for c in cfgs if c[:2] == (128, 128)]
     assert wide and all(vec[c, "fp8"] == ["[1, 16]"] for c in wide), {c: vec[c, "fp8"] for c in wide}

@@ -93,7 +93,7 @@ def new_token_kv(kc, vc, q_lens, kv_lens, bt, dtype, t_pad=0, seed=0):
 
 def run_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch.bfloat16, t_pad=0,
              splits=None, scales_as_float=False, seed=0, check_fp8=True, dense=False, prefill_cfg=None,
-             fp8_via_bf16=None):
+             narrow_from=None):
     q, kc, vc, qsl, sl, bt = make_batch(q_lens, kv_lens, Hq, Hkv, D, bs, dtype, kv_fp8, t_pad, seed)
     kv_in = {}
     if dense:
@@ -112,8 +112,8 @@ def run_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch
         tpa.CONFIG_OVERRIDE["num_splits"] = splits
     if prefill_cfg is not None:
         tpa.CONFIG_OVERRIDE["prefill"] = dict(prefill_cfg)
-    if fp8_via_bf16 is not None:
-        tpa.CONFIG_OVERRIDE["fp8_via_bf16"] = fp8_via_bf16
+    if narrow_from is not None:
+        tpa.CONFIG_OVERRIDE["narrow_fp8_store"] = narrow_from
     try:
         out = poison(q.shape, dtype)
         tpa.paged_attention(q, kc, vc, out, *args, **kv_in)
@@ -241,26 +241,6 @@ def test_paged_attention_dense_new_tokens(case):
     run_case(q_lens, kv_lens, Hq, Hkv, D, bs, seed=hash(str(case)) % 1000, dense=True, **extra)
 
 
-# static FP8 output of "long" prefills (here: max_query_len >= 2) routed through bf16 out + static_fp8_quant
-ROUTE_CASES = [
-    ([40, 1, 50, 1], [40, 90, 117, 3], 4, 2, 64, 16, {"dense": True, "prefill_cfg": _SMALL, "t_pad": 3}),
-    ([3, 20, 1], [30, 20, 70], 4, 2, 128, 16, {"kv_fp8": True, "sw": 16}),
-    ([4, 1], [9, 50], 4, 2, 64, 16, {"dtype": torch.float16, "scales_as_float": True, "kv_fp8": True}),
-]
-
-
-@pytest.mark.parametrize("case", ROUTE_CASES, ids=[f"r{i}" for i in range(len(ROUTE_CASES))])
-def test_long_prefill_fp8_via_bf16(case, monkeypatch):
-    """Same bytes as quant(own bf16 out), within 1 fp8 step of the float reference, and the route taken."""
-    calls = []
-    quant = tpa.static_fp8_quant
-    monkeypatch.setattr(tpa, "static_fp8_quant", lambda *a: (calls.append(a[0].shape), quant(*a))[1])
-    q_lens, kv_lens, Hq, Hkv, D, bs, extra = case
-    run_case(q_lens, kv_lens, Hq, Hkv, D, bs, seed=hash(str(case)) % 1000, fp8_via_bf16=2, **extra)
-    T = sum(q_lens) + extra.get("t_pad", 0)
-    assert calls and calls[0] == (T, Hq, D), calls
-
-
 _SQUARE = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)  # BLOCK_N == BLOCK_M: where narrowing acts
 NARROW_CASES = [
     ([40, 1, 50, 1], [40, 90, 117, 3], 4, 2, 64, 16, {"dense": True, "prefill_cfg": _SQUARE, "t_pad": 3}),
@@ -271,35 +251,69 @@ NARROW_CASES = [
 
 
 @pytest.mark.parametrize("case", NARROW_CASES, ids=[f"n{i}" for i in range(len(NARROW_CASES))])
-def test_narrow_fp8_store(case, monkeypatch):
-    """NARROW_FP8_STORE: the same bytes as quant(own bf16 out) (padding rows included, every element
-    written), and no long-prefill route: the fp8 kernel runs even where the route would apply."""
-    monkeypatch.setattr(tpa, "NARROW_FP8_STORE", True)
-    monkeypatch.setattr(tpa, "_FP8_VIA_BF16", {fam: {64: 2, 128: 2} for fam in ("3.2", "3.6")})
-    calls = []
-    quant = tpa.static_fp8_quant
-    monkeypatch.setattr(tpa, "static_fp8_quant", lambda *a: (calls.append(a[0].shape), quant(*a))[1])
+def test_narrow_fp8_store(case):
+    """Narrow fp8 stores forced on (any max_query_len): the same bytes as quant(own bf16 out) (padding
+    rows included, every element written), within 1 fp8 step of the float64 reference."""
     q_lens, kv_lens, Hq, Hkv, D, bs, extra = case
-    run_case(q_lens, kv_lens, Hq, Hkv, D, bs, seed=hash(str(case)) % 1000, **extra)
-    assert not calls, calls
+    run_case(q_lens, kv_lens, Hq, Hkv, D, bs, seed=hash(str(case)) % 1000, narrow_from=0, **extra)
 
 
-def test_fp8_via_bf16_into_strided_out():
-    """out as a head slice of a wider tensor (not contiguous): the route writes only its elements."""
+def test_narrow_fp8_store_into_strided_out():
+    """out as a head slice of a wider tensor (not contiguous): narrow stores write only its elements."""
     q, kc, vc, qsl, sl, bt = make_batch([30, 1], [30, 60], 4, 2, 64, 16, seed=5)
     args = (qsl, sl, bt, 30, 60, 0.125)
     os_ = torch.tensor([0.02], device=DEV)
     want = poison(q.shape, FP8)
-    tpa.paged_attention(q, kc, vc, want, *args, output_scale=os_)  # the fp8 kernel
+    tpa.paged_attention(q, kc, vc, want, *args, output_scale=os_)  # wide stores
     wide = poison((q.shape[0], 6, 64), FP8)
-    tpa.CONFIG_OVERRIDE["fp8_via_bf16"] = 2
+    tpa.CONFIG_OVERRIDE["narrow_fp8_store"] = 0
     try:
         tpa.paged_attention(q, kc, vc, wide[:, 1:5], *args, output_scale=os_)
     finally:
         tpa.CONFIG_OVERRIDE.clear()
-    assert fp8_code_distance(wide[:, 1:5], want).max() <= 1
+    assert torch.equal(wide[:, 1:5].view(torch.uint8), want.view(torch.uint8))
     for h in (0, 5):
-        assert (wide[:, h].view(torch.uint8) == 0xFF).all(), "route wrote outside out"
+        assert (wide[:, h].view(torch.uint8) == 0xFF).all(), "narrow store wrote outside out"
+
+
+@pytest.mark.parametrize("family", ["3.2", "3.6"])
+def test_narrow_fp8_store_rule(family, monkeypatch):
+    """Narrow stores by default for static-FP8 output of d128 prefills from 2048 query tokens (both
+    tritons), where the fp8 kernel then runs the bf16 kernel's config; elsewhere, and for group-scale
+    output unless forced, it keeps its own."""
+    monkeypatch.setattr(tpa, "_version_family", lambda: family)
+    monkeypatch.setattr(tpa, "CONFIG_OVERRIDE", {})
+    for d_pad, max_q, narrow in ((128, 2048, True), (128, 16384, True), (128, 2047, False), (64, 4096, False),
+                                 (256, 4096, False)):
+        assert tpa._narrow_fp8_store(d_pad, max_q) == narrow, (d_pad, max_q)
+        assert not tpa._narrow_fp8_store(d_pad, max_q, group=True), (d_pad, max_q)
+    # wide fp8 stores of a long d128 prefill: triton 3.2 keeps the fp8 kernel's 128x64, not bf16's 128x128
+    bf16, wide = (tpa._prefill_config(128, 4, False, 4096, 4096, wide_fp8_store=w) for w in (False, True))
+    assert (bf16 == wide) == (family == "3.6"), (bf16, wide)
+    tpa.CONFIG_OVERRIDE["narrow_fp8_store"] = 0
+    assert tpa._narrow_fp8_store(64, 16) and tpa._narrow_fp8_store(128, 16, group=True)
+    tpa.CONFIG_OVERRIDE["narrow_fp8_store"] = 1 << 62
+    assert not tpa._narrow_fp8_store(128, 4096)
+
+
+def test_narrow_fp8_store_wiring(monkeypatch):
+    """paged_attention picks the bf16 kernel's config exactly when its FP8 stores are narrow: static
+    output where _NARROW_FROM covers the prefill; group-scale output only where forced."""
+    seen = []
+    pick = tpa._prefill_config
+    monkeypatch.setattr(tpa, "_prefill_config", lambda *a, **k: (seen.append(k["wide_fp8_store"]), pick(*a, **k))[1])
+    monkeypatch.setattr(tpa, "_NARROW_FROM", {64: 8})
+    q, kc, vc, qsl, sl, bt = make_batch([8, 1], [8, 20], 4, 2, 64, 16, seed=3)
+    args = (qsl, sl, bt, 8, 20, 0.125)
+    tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_scale=torch.tensor([0.02]))
+    tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_group_scale=torch.empty(q.shape[:2]))
+    tpa.paged_attention(q, kc, vc, poison(q.shape, torch.bfloat16), *args)
+    monkeypatch.setattr(tpa, "_NARROW_FROM", {64: 9})
+    tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_scale=torch.tensor([0.02]))
+    tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_group_scale=torch.empty(q.shape[:2]))
+    monkeypatch.setitem(tpa.CONFIG_OVERRIDE, "narrow_fp8_store", 8)
+    tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_group_scale=torch.empty(q.shape[:2]))
+    assert seen == [False, True, False, True, True, False], seen
 
 
 def test_zero_query_seq_and_pure_decode_padding():

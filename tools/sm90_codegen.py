@@ -7,7 +7,7 @@ tensors (its host code only validates and picks configs), and its kernel launche
 `JITFunction.warmup` (compile, no launch) under a stand-in driver that answers triton's "current
 device / target" questions with sm_90; the wheel's own `cuobjdump` reads registers and stack (spills)
 from the cubin, its `nvdisasm` the SASS. Per prefill config (BLOCK_M, BLOCK_N, warps, stages[, head size, default 128]) and
-output (bf16, static fp8, group fp8; the fp8 ones with and without NARROW_FP8_STORE) it prints
+output (bf16, static fp8, group fp8; the fp8 ones with wide and narrow stores) it prints
 registers, stack, shared memory, the per-thread vector of the K/V tile copies (`sizePerThread` of
 their blocked layout) and the instructions per iteration of each main loop (the loops holding wgmma) under the installed triton (3.2 in .venv: what vLLM 0.8.5 users run). Costs no
 device time: the H100 measures speed (benchmarks/attention_quant.py), this shows the code it comes from.
@@ -94,11 +94,11 @@ def compile_prefill(output, block_m, block_n, num_warps, num_stages, D=128, Hq=3
     qsl = torch.tensor([0, T], dtype=torch.int32)
     seq_lens = torch.tensor([q_len], dtype=torch.int32)
     block_table = torch.zeros(1, n_blocks, dtype=torch.int32)
-    # this tool's own copy of the module: its switches are set per compile, nothing to restore
+    # this tool's own copy of the module: its overrides are set per compile, nothing to restore
     tpa.CONFIG_OVERRIDE.clear()
     tpa.CONFIG_OVERRIDE.update(prefill=dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-                                            num_stages=num_stages), fp8_via_bf16=1 << 62)
-    tpa.NARROW_FP8_STORE = output.endswith("narrow")
+                                            num_stages=num_stages),
+                            narrow_fp8_store=0 if output.endswith("narrow") else 1 << 62)
     with sm90():
         tpa.paged_attention(q, cache, cache, out, qsl, seq_lens, block_table, q_len, q_len, D ** -0.5, **kw)
         return tpa.LAST_LAUNCH["prefill"]

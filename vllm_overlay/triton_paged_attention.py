@@ -62,11 +62,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # runs both settings), so it is skipped on the GPU (it cost up to 7% on short prefills).
 # Module-level switch, read at every launch: True forces it.
 PRE_ROUND_FP8 = False
-# Narrow fp8 stores (`_out_cols`; docs/kernel.md item 9): the fp8 kernels then compile to the bf16
-# kernel's main loops, share its tile configs and skip the long-prefill route (_FP8_VIA_BF16). Off until
-# measured on the H100 (the code was read from sm_90 compiles on a CPU, never timed). Module-level switch,
-# read at every launch.
-NARROW_FP8_STORE = False
 TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 _LOG2E = 1.4426950408889634
 
@@ -611,8 +606,8 @@ def _split_reduce_kernel(
 _NUM_SMS = {}
 
 # Optional overrides for benchmarking / tuning: keys "prefill", "decode" -> dict of config entries
-# ("prefill" may also hold DENSE=False to ignore key/value), "num_splits" -> int, "fp8_via_bf16" -> the
-# max_query_len from which static FP8 output runs as bf16 + quant, any head size (1 << 30: never).
+# ("prefill" may also hold DENSE=False to ignore key/value), "num_splits" -> int, "narrow_fp8_store" ->
+# the max_query_len from which FP8 output uses narrow stores, any head size (0: always, 1 << 62: never).
 CONFIG_OVERRIDE = {}
 # The compiled kernels of the last launch per phase (benchmark compile reports: n_regs, n_spills, asm).
 LAST_LAUNCH = {}
@@ -637,7 +632,7 @@ def _next_pow2(x: int) -> int:
 # Prefill entries: (head_d_pad limit, wide) -> config, first match wins; None matches either. "wide"
 # (host-side hints, no device sync) = context-heavy (max_seq_len > 2 * max_query_len: chunked prefills,
 # prefills mixed with long decodes) or a long prefill (max_query_len >= _LONG_PREFILL) with bf16/fp16 out
-# (or any out with NARROW_FP8_STORE).
+# or narrow-stored FP8 out (_narrow_fp8_store).
 _PREFILL_CFGS = {
     "3.2": [
         ((64, None), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
@@ -663,19 +658,22 @@ _DECODE_CFGS = {
 }
 
 
-# A prefill is "long" from this max_query_len on. Static-FP8 output of a long d128 prefill runs as bf16
-# output plus static_fp8_quant where that was measured faster than the fp8 specialisation of the kernel
-# (_FP8_VIA_BF16[family][head_d_pad]: max_query_len from which it does; docs/kernel.md item 8). Triton
-# 3.2: the bf16 variant's best config (128x128) is 8-10% faster than the fp8 variant at any config, more
-# than the 17 us the quant costs per 4096 x 4096 (d256: a == b, no route). Triton 3.6: from 1x8192 on.
+# A prefill is "long" from this max_query_len on. FP8 output of a long d128 prefill uses narrow stores
+# (`_out_cols`; docs/kernel.md item 9) and the bf16 kernel's config, so it runs the bf16 kernel's main
+# loops: within 2% of bf16 out, where wide stores were 3-10% slower (H200, 2026-12-07, both tritons;
+# docs/benchmarks.md). Elsewhere wide stores are as fast or faster (d64 8x512: 9% faster).
+# With the bf16 kernel's config the fused bytes are again those of quant(own bf16 output) (on triton 3.2
+# the fp8 kernel's 128x64 tiles sum in another order).
+# _NARROW_FROM[head_d_pad]: max_query_len from which static-FP8 stores are narrow (both triton families).
+# Group-scale FP8 output keeps wide stores unless CONFIG_OVERRIDE forces them: its narrow stores have
+# run only in the interpreter, neither timed nor checked on a GPU yet (docs/benchmarks.md).
 _LONG_PREFILL = 2048
-_FP8_VIA_BF16 = {"3.2": {128: _LONG_PREFILL}, "3.6": {128: 8192}}
+_NARROW_FROM = {128: _LONG_PREFILL}
 
 
-def _fp8_via_bf16(head_d_pad: int, max_query_len: int) -> bool:
-    default = 1 << 62 if NARROW_FP8_STORE else _FP8_VIA_BF16[_version_family()].get(head_d_pad, 1 << 62)
-    lim = CONFIG_OVERRIDE.get("fp8_via_bf16", default)
-    return max_query_len >= lim
+def _narrow_fp8_store(head_d_pad: int, max_query_len: int, group: bool = False) -> bool:
+    default = 1 << 62 if group else _NARROW_FROM.get(head_d_pad, 1 << 62)
+    return max_query_len >= CONFIG_OVERRIDE.get("narrow_fp8_store", default)
 
 
 def _version_family() -> str:
@@ -683,8 +681,10 @@ def _version_family() -> str:
 
 
 def _prefill_config(head_d_pad: int, g: int, kv_fp8: bool, max_query_len: int, max_seq_len: int = 0,
-                    out_fp8: bool = False) -> dict:
-    long_wide = (NARROW_FP8_STORE or not out_fp8) and max_query_len >= _LONG_PREFILL
+                    wide_fp8_store: bool = False) -> dict:
+    """wide_fp8_store: FP8 output with wide stores (the fp8 kernel's own configs); bf16/fp16 output and
+    narrow FP8 stores share the bf16 kernel's."""
+    long_wide = not wide_fp8_store and max_query_len >= _LONG_PREFILL
     wide = max_seq_len > 2 * max_query_len or long_wide
     for (d_lim, w), c in _PREFILL_CFGS[_version_family()]:
         if head_d_pad <= d_lim and (w is None or w == wide):
@@ -768,8 +768,6 @@ def paged_attention(
     sequence's own tokens densely from these inputs and only the context from the paged cache (the
     values are the same, so the result is too). Ignored for an fp8 KV cache (the cache holds the
     quantized values, which the semantics above read) and for decodes.
-    Static FP8 output of a long prefill may run as bf16 output + ``static_fp8_quant`` where that is
-    faster (``_FP8_VIA_BF16``); the bytes are those of the same formula.
     """
     # ---- cheap host-side validation (no device syncs) ----
     if query.dim() != 3 or out.dim() != 3 or key_cache.dim() != 4 or value_cache.dim() != 4:
@@ -846,25 +844,14 @@ def paged_attention(
         return
 
     d_pad = max(16, _next_pow2(D))
-    if out_fp8 and not out_group and _fp8_via_bf16(d_pad, max_query_len):
-        # a long prefill: bf16 output at its own config, then the quant (same semantics, faster here)
-        o = torch.empty(out.shape, dtype=query.dtype, device=out.device)
-        paged_attention(query, key_cache, value_cache, o, query_start_loc, seq_lens, block_table,
-                        max_query_len, max_seq_len, softmax_scale, sliding_window, k_scale, v_scale,
-                        key=key, value=value)
-        o8 = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        static_fp8_quant(o8, o, output_scale)
-        if o8 is not out:
-            out.view(torch.uint8).copy_(o8.view(torch.uint8))
-        return
-
     G = Hq // Hkv
     q_bf16 = query.dtype == torch.bfloat16
+    narrow = out_fp8 and _narrow_fp8_store(d_pad, max_query_len, out_group)
     common = dict(
         G=G, NUM_Q_HEADS=Hq, HEAD_D=D, HEAD_D_PAD=d_pad, KV_BLOCK_SIZE=bs, SLIDING_WINDOW=sw,
         KS_PTR=ks_ptr, VS_PTR=vs_ptr, OS_PTR=os_ptr, HAS_KV_SCALE=has_kv_scale,
         OUT_FP8=out_fp8, Q_BF16=q_bf16, OUT_GROUP=out_group, DOT_F32=_INTERPRET, PRE_ROUND=PRE_ROUND_FP8 or _INTERPRET,
-        NARROW_OUT=out_fp8 and NARROW_FP8_STORE,
+        NARROW_OUT=narrow,
     )
     strides = (query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -877,7 +864,7 @@ def paged_attention(
 
     pure_decode = max_query_len <= 1
     if not pure_decode:
-        cfg = _prefill_config(d_pad, G, kv_fp8, max_query_len, max_seq_len, out_fp8)
+        cfg = _prefill_config(d_pad, G, kv_fp8, max_query_len, max_seq_len, wide_fp8_store=out_fp8 and not narrow)
         block_m = cfg["BLOCK_M"]
         block_q = max(1, block_m // G)
         grid = (triton.cdiv(T, block_q) + B, Hkv, 1)

@@ -89,24 +89,18 @@ def new_token_kv(kc, vc, q_lens, kv_lens, bt, dtype, t_pad=0):
 
 
 def check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw=None, kv_fp8=False, dtype=torch.bfloat16, t_pad=0,
-               seed=0, q_view=False, dense=False, via_bf16=None, own_exact=True, narrow=False):
+               seed=0, q_view=False, dense=False, narrow_from=None, own_exact=True):
     """own_exact: fp8 out byte-equal to quant(own bf16 out); not when the two run different tile configs
-    (summation order), e.g. the fp8 kernel of a long prefill forced on triton 3.2. narrow: with
-    NARROW_FP8_STORE (fp8 kernels at the bf16 configs, so byte-equal again)."""
-    if narrow:
-        tpa.NARROW_FP8_STORE = True
-        try:
-            return check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw, kv_fp8, dtype, t_pad, seed, q_view, dense,
-                              via_bf16, own_exact)
-        finally:
-            tpa.NARROW_FP8_STORE = False
-    if via_bf16 is not None:  # static fp8 out of prefills from this max_query_len on: bf16 out + quant
-        tpa.CONFIG_OVERRIDE["fp8_via_bf16"] = via_bf16
+    (summation order), e.g. wide fp8 stores of a long prefill on triton 3.2 (128x64 vs bf16's 128x128).
+    narrow_from: CONFIG_OVERRIDE["narrow_fp8_store"], the max_query_len from which fp8 stores are narrow
+    (0: always, 1 << 62: never; None: the kernel's default)."""
+    if narrow_from is not None:
+        tpa.CONFIG_OVERRIDE["narrow_fp8_store"] = narrow_from
         try:
             return check_case(q_lens, kv_lens, Hq, Hkv, D, bs, sw, kv_fp8, dtype, t_pad, seed, q_view, dense,
                               own_exact=own_exact)
         finally:
-            tpa.CONFIG_OVERRIDE.pop("fp8_via_bf16", None)
+            tpa.CONFIG_OVERRIDE.pop("narrow_fp8_store", None)
     q, kc, vc, qsl, sl, bt = make_batch(q_lens, kv_lens, Hq, Hkv, D, bs, dtype, kv_fp8, t_pad, seed)
     kv_in = {}
     if dense:
@@ -208,15 +202,13 @@ def _cases():
     cases.append(("dense_kvfp8_ignored", [300, 1], [700, 90], 32, 8, 128, 16, {"dense": True, "kv_fp8": True}))
     cases.append(("dense_fp16_mqa", [500, 64], [500, 1000], 32, 1, 128, 16, {"dense": True,
                                                                               "dtype": torch.float16}))
-    # the long-prefill route forced on (both tritons), and off for a prefill the version would route
-    cases.append(("route_mixed_strided", [2048, 300, 1], [2048, 900, 1000], 32, 8, 128, 16,
-                  {"dense": True, "q_view": True, "via_bf16": 2}))
-    cases.append(("no_route_prefill_2048", [2048], [2048], 32, 8, 128, 16,
-                  {"dense": True, "via_bf16": 1 << 30, "own_exact": False}))
-    # NARROW_FP8_STORE: a long prefill with a mixed tail, a chunk on paged context, d64, the padding rows
+    # narrow fp8 stores: by default from 2048 query tokens at d128 (a mixed tail, padding rows, strided
+    # views); forced off there (wide stores at the fp8 config); forced on for a chunk on paged context at d64
     cases.append(("narrow_long_mixed", [2048, 300, 1], [2048, 900, 1000], 32, 8, 128, 16,
-                  {"dense": True, "narrow": True, "t_pad": 5}))
-    cases.append(("narrow_chunk_d64", [512, 1], [4608, 700], 32, 8, 64, 16, {"dense": True, "narrow": True}))
+                  {"dense": True, "q_view": True, "t_pad": 5}))
+    cases.append(("wide_store_prefill_2048", [2048], [2048], 32, 8, 128, 16,
+                  {"dense": True, "narrow_from": 1 << 62, "own_exact": False}))
+    cases.append(("narrow_chunk_d64", [512, 1], [4608, 700], 32, 8, 64, 16, {"dense": True, "narrow_from": 0}))
     return cases
 
 
