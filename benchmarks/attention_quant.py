@@ -712,7 +712,8 @@ def fmt_group_table(res):
     if res.get("vllm_missing") and "h" in res.get("variants", ()):
         md.append(f"h missing: vLLM's per_token_group_quant_fp8 did not import in this child "
                   f"({res['vllm_missing']}); only g and b are timed.\n")
-    md.append(f"g checked byte-equal to {rows[0].get('group_ref', '?')} of the kernel's own bf16 output.\n")
+    md.append(f"g and gn checked byte-equal to {rows[0].get('group_ref', '?')} of the kernel's own bf16 output "
+              "at the same tiles.\n")
     md.append("| shape | D | g fused | gn narrow stores | b bf16 | h b+vLLM group quant | h/g | g/b | gn/g "
               "| upstream PR target h/g | spread g/gn/b/h | flag |")
     md.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
