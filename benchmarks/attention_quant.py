@@ -30,6 +30,8 @@ Variants per shape (all on the same inputs; per-call times in microseconds):
       per-token-group FP8 (group = D), as vLLM's per_token_group_quant_fp8 of the bf16 output
   gn: g with narrow fp8 stores everywhere (group output keeps wide stores by default)
   h:  b + vLLM's own per_token_group_quant_fp8(column_major_scales=True)   unfused (missing without vLLM)
+  x:  the dense-Triton ceiling (benchmarks/dense_ceiling.py: contiguous K/V, one query head per tile, bf16
+      out; the fastest of its CONFIGS, picked per shape) on prefills of equal lengths; checked against b
 Method: a 2 s GEMM warm-up takes the GPU past its idle clocks; per shape, input sets are rotated
 (as many copies as needed to exceed 2x the L2 size, at most 8) so no call hits data the previous
 call left in L2; each variant is warmed, then ROUNDS rounds each time every variant once, in an order
@@ -71,7 +73,7 @@ DENSE_CEILING = {"3.2": {"prefill 1x4096": 363, "prefill 4x2048": 386, "prefill 
 # (our h/g), by shape; decode shapes: GROUP_TARGET_DECODE.
 GROUP_TARGETS = {"prefill 1x128": "1.73x", "prefill 1x512": "1.35x", "prefill 1x1024": "1.08x"}
 GROUP_TARGET_DECODE = "1.02-1.06x"
-VARIANTS = ("a", "aw", "an", "a0", "b", "c", "d", "ap", "g", "gn", "h")
+VARIANTS = ("a", "aw", "an", "a0", "b", "c", "d", "ap", "g", "gn", "h", "x")
 ROUNDS = 7
 SPREAD_FLAG = 0.05
 
@@ -93,6 +95,9 @@ def shapes(quick=False):
         ("decode b256 ctx1024", [1] * 256, [1024] * 256, 32, 8, 128),
         ("decode b16 ctx8192", [1] * 16, [8192] * 16, 32, 8, 128),
         ("prefill 8x512 d64", [512] * 8, [512] * 8, 32, 8, 64),
+        # no GQA (32 KV heads): one query head per tile, the dense ceiling's tiling (what G=4 packing costs)
+        ("prefill 4x2048 mha", [2048] * 4, [2048] * 4, 32, 32, 128),
+        ("prefill 8x512 mha", [512] * 8, [512] * 8, 32, 32, 128),
         ("decode b64 ctx2048 d64", [1] * 64, [2048] * 64, 32, 8, 64),
         ("prefill 4x2048 d256", [2048] * 4, [2048] * 4, 16, 8, 256),
         ("decode b64 ctx2048 d256", [1] * 64, [2048] * 64, 16, 8, 256),
@@ -302,6 +307,44 @@ def sdpa_fn(q_lens, kv_lens, Hq, D, scale, n_sets):
     return None
 
 
+def dense_fn(sets, q_lens, kv_lens, warm_only):
+    """Variant x: (callable, config) with the fastest of dense_ceiling.CONFIGS (10 calls each), its bf16
+    output checked against b's on the first set; None unless all sequences are prefills of one length."""
+    import dense_ceiling
+    L, B = q_lens[0], len(q_lens)
+    if len(set(q_lens)) != 1 or list(kv_lens) != list(q_lens) or L % 128:
+        return None
+    s0 = sets[0]
+    meta = (s0["qsl"], s0["sl"], s0["bt"], L, L, 1.0 / math.sqrt(s0["q"].shape[-1]))
+    ref = torch.empty_like(s0["out_bf"])
+    tpa.paged_attention(s0["q"], s0["kc"], s0["vc"], ref, *meta, key=s0["key"], value=s0["value"])
+    best = None
+    for cfg in dense_ceiling.CONFIGS:
+        out = torch.full_like(ref, float("nan"))
+        dense_ceiling.dense_causal_attention(s0["q"], s0["key"], s0["value"], out, B, L, cfg)
+        torch.testing.assert_close(out, ref, atol=1e-2, rtol=2e-2, msg=lambda m: f"x {cfg} != b: {m}")
+        if warm_only:
+            continue
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for i in range(10):
+            s = sets[i % len(sets)]
+            dense_ceiling.dense_causal_attention(s["q"], s["key"], s["value"], s["out_bf"], B, L, cfg)
+        e1.record()
+        torch.cuda.synchronize()
+        if best is None or e0.elapsed_time(e1) < best[0]:
+            best = (e0.elapsed_time(e1), cfg)
+    if warm_only:
+        return None
+    st = [0]
+
+    def run(cfg=best[1]):
+        s = sets[st[0]]
+        st[0] = (st[0] + 1) % len(sets)
+        dense_ceiling.dense_causal_attention(s["q"], s["key"], s["value"], s["out_bf"], B, L, cfg)
+    return run, best[1]
+
+
 def gpu_warmup(seconds=2.0):
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t0 = time.time()
@@ -443,6 +486,10 @@ def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variant
             continue
         assert n_s == 0, f"{name}: g scales != group quant of own bf16 ({n_s} differ)"
         assert n_q == 0, f"{name}: g bytes != group quant of own bf16 ({n_q} differ)"
+    if "x" in variants and bs == 16:
+        x = dense_fn(sets, q_lens, kv_lens, warm_only)
+        if x:
+            fns["x"], x_cfg = x
     sd = None
     if "d" in variants and bs == 16:
         sd = sdpa_fn(q_lens, kv_lens, Hq, D, scale, n_sets)
@@ -456,7 +503,7 @@ def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variant
     torch.cuda.empty_cache()
     return dict(name=name, bs=bs, D=D, decode=max(q_lens) == 1, flops=fl, bytes=by, n_sets=n_sets,
                 group_ref="Triton-division oracle" if vllm_group_quant is None else "vLLM per_token_group_quant_fp8",
-                sdpa=sd[1] if sd else "-", t={k: v[0] for k, v in res.items()},
+                sdpa=sd[1] if sd else "-", x_cfg=x_cfg if "x" in fns else None, t={k: v[0] for k, v in res.items()},
                 mode={k: v[3] for k, v in res.items()},
                 spread={k: v[1] for k, v in res.items()}, rounds={k: v[2] for k, v in res.items()})
 
@@ -626,7 +673,7 @@ def child(args):
         out["rows"].append(r)
         t, sp = r["t"], r["spread"]
         print(f"[{triton.__version__}] {r['name']:34s} " + " ".join(f"{k}={t[k]:.1f}({sp[k]*100:.1f}%)" for k in t)
-              + " " + " ".join(f"{x}/{y}={t[x] / t[y]:.3f}" for x, y in (("c", "a"), ("c", "aw"), ("c", "an"), ("a", "b"), ("a0", "a"), ("h", "g"), ("g", "b"), ("gn", "g"))
+              + " " + " ".join(f"{x}/{y}={t[x] / t[y]:.3f}" for x, y in (("c", "a"), ("c", "aw"), ("c", "an"), ("a", "b"), ("a0", "a"), ("h", "g"), ("g", "b"), ("gn", "g"), ("a", "x"), ("b", "x"))
                                if x in t and y in t), flush=True)
         Path(args.json).write_text(json.dumps(out, indent=1))  # after every row: a cut-off run keeps its rows
     Path(args.json).write_text(json.dumps(out, indent=1))
@@ -673,9 +720,9 @@ def fmt_tables(results):
         md += [f"**Row failed its check (not timed):** {e}\n" for e in res.get("errors", [])]
         rows = [r for r in res["rows"] if {"a", "c", "d", "ap"} & set(r["t"])]  # static-scale variants timed
         md.append("| shape | D | a fused | aw wide stores | an narrow stores | a0 baseline | b bf16 | c b+quant "
-                  "| d cuDNN+quant | ap fused paged-only | a eager | perf a | c/a | c/aw | c/an | a0/a | a/b | d/a "
-                  "| a / dense ceiling | vLLM 0.8.5 (vs b) | spread a/b/c | flag |")
-        md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                  "| d cuDNN+quant | x dense Triton (config) | ap fused paged-only | a eager | perf a | c/a | c/aw | c/an "
+                  "| a0/a | a/b | d/a | a/x | a / H100 dense ceiling | vLLM 0.8.5 (vs b) | spread a/b/c/x | flag |")
+        md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         if not rows:
             md[-2:] = []
         for r in rows:
@@ -687,14 +734,17 @@ def fmt_tables(results):
             v = anchors.get(r["name"])
             c = ceil.get(r["name"])
             dmode = "" if r.get("mode", {}).get("d", "graph") == "graph" else " (eager)"
-            spr, _ = _spreads(sp, ("a", "b", "c"))
-            _, msp = _spreads(sp, ("a", "aw", "an", "a0", "b", "c", "d", "ap"))
+            spr, _ = _spreads(sp, ("a", "b", "c", "x"))
+            xcfg = f" ({'x'.join(map(str, r['x_cfg'][:2]))}/{r['x_cfg'][2]}/{r['x_cfg'][3]})" if r.get("x_cfg") else ""
+            _, msp = _spreads(sp, ("a", "aw", "an", "a0", "b", "c", "d", "ap", "x"))
             md.append(
                 f"| {r['name']} | {r['D']} | {_us(t, 'a')} | {_us(t, 'aw')} | {_us(t, 'an')} | {_us(t, 'a0')} | "
-                f"{_us(t, 'b')} | {_us(t, 'c')} | {_us(t, 'd', dmode)} | {_us(t, 'ap')} | {_us(t, 'a_eager')} | "
+                f"{_us(t, 'b')} | {_us(t, 'c')} | {_us(t, 'd', dmode)} | {_us(t, 'x', xcfg)} | {_us(t, 'ap')} | "
+                f"{_us(t, 'a_eager')} | "
                 f"{perf} | {_ratio(t, 'c', 'a')} | {_ratio(t, 'c', 'aw')} | {_ratio(t, 'c', 'an')} | "
                 f"{_ratio(t, 'a0', 'a')} | {_ratio(t, 'a', 'b')} | "
-                f"{_ratio(t, 'd', 'a')} | {f'{t[chr(97)] / c:.2f} ({c})' if c and 'a' in t else '-'} | "
+                f"{_ratio(t, 'd', 'a')} | {_ratio(t, 'a', 'x')} | "
+                f"{f'{t[chr(97)] / c:.2f} ({c})' if c and 'a' in t else '-'} | "
                 f"{f'{v} ({v / t[chr(98)]:.2f}x)' if v and 'b' in t else '-'} | {spr} | "
                 f"{'SPREAD>5%' if msp > SPREAD_FLAG else ''} |")
         md.append("")
@@ -858,14 +908,16 @@ def parent(args):
 
 
 def _plot(results, out_dir):
-    """Per triton: each variant's time over the fused kernel's (a), with vLLM 0.8.5's stock Triton path
-    and the dense-Triton ceiling of the same triton (VLLM_ANCHORS / DENSE_CEILING, H100) on H100 runs."""
+    """Per triton: each variant's time over the fused kernel's (a) (x: the dense-Triton ceiling timed in
+    this run), with vLLM 0.8.5's stock Triton path and the dense-Triton ceiling of the same triton
+    (VLLM_ANCHORS / DENSE_CEILING, H100) on H100 runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     bars = (("a", "fused fp8 (a)"), ("aw", "fused fp8, wide stores everywhere"),
             ("an", "fused fp8, narrow stores everywhere"), ("b", "bf16 out"), ("c", "bf16 + quant"),
-            ("d", "cuDNN + quant"), ("vllm", "vLLM 0.8.5 stock (bf16)"), ("ceil", "dense Triton ceiling"))
+            ("d", "cuDNN + quant"), ("x", "dense Triton ceiling, this run (x)"), ("vllm", "vLLM 0.8.5 stock (bf16)"),
+            ("ceil", "dense Triton ceiling (H100 anchor)"))
     fig, axes = plt.subplots(len(results), 1, figsize=(13, 4.5 * len(results)), squeeze=False)
     for ax, res in zip(axes[:, 0], results):
         rows = [r for r in res["rows"] if "a" in r["t"]]
