@@ -321,8 +321,13 @@ def dense_fn(sets, q_lens, kv_lens, warm_only):
     best = None
     for cfg in dense_ceiling.CONFIGS:
         out = torch.full_like(ref, float("nan"))
-        dense_ceiling.dense_causal_attention(s0["q"], s0["key"], s0["value"], out, B, L, cfg)
-        torch.testing.assert_close(out, ref, atol=1e-2, rtol=2e-2, msg=lambda m: f"x {cfg} != b: {m}")
+        try:
+            dense_ceiling.dense_causal_attention(s0["q"], s0["key"], s0["value"], out, B, L, cfg)
+        except triton.runtime.errors.OutOfResources:  # e.g. 128x128 tiles at D=256
+            continue
+        if not torch.allclose(out, ref, atol=1e-2, rtol=2e-2):  # drop this config, keep the row
+            print(f"  x {cfg}: max |x - b| = {(out.float() - ref.float()).abs().max().item():.3g}: not timed")
+            continue
         if warm_only:
             continue
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -334,7 +339,7 @@ def dense_fn(sets, q_lens, kv_lens, warm_only):
         torch.cuda.synchronize()
         if best is None or e0.elapsed_time(e1) < best[0]:
             best = (e0.elapsed_time(e1), cfg)
-    if warm_only:
+    if warm_only or best is None:
         return None
     st = [0]
 
@@ -486,6 +491,7 @@ def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variant
             continue
         assert n_s == 0, f"{name}: g scales != group quant of own bf16 ({n_s} differ)"
         assert n_q == 0, f"{name}: g bytes != group quant of own bf16 ({n_q} differ)"
+    x_cfg = None
     if "x" in variants and bs == 16:
         x = dense_fn(sets, q_lens, kv_lens, warm_only)
         if x:
@@ -503,7 +509,7 @@ def run_shape(name, q_lens, kv_lens, Hq, Hkv, D, bs=16, warm_only=False, variant
     torch.cuda.empty_cache()
     return dict(name=name, bs=bs, D=D, decode=max(q_lens) == 1, flops=fl, bytes=by, n_sets=n_sets,
                 group_ref="Triton-division oracle" if vllm_group_quant is None else "vLLM per_token_group_quant_fp8",
-                sdpa=sd[1] if sd else "-", x_cfg=x_cfg if "x" in fns else None, t={k: v[0] for k, v in res.items()},
+                sdpa=sd[1] if sd else "-", x_cfg=x_cfg, t={k: v[0] for k, v in res.items()},
                 mode={k: v[3] for k, v in res.items()},
                 spread={k: v[1] for k, v in res.items()}, rounds={k: v[2] for k, v in res.items()})
 
