@@ -28,7 +28,8 @@ Variants per shape (all on the same inputs; per-call times in microseconds):
   ap: a without key/value (every K/V through the paged cache, what a caller without them gets)
   g:  paged_attention(out=fp8, output_group_scale=column-major [T, Hq], key=, value=)   fused dynamic
       per-token-group FP8 (group = D), as vLLM's per_token_group_quant_fp8 of the bf16 output
-  gn: g with narrow fp8 stores everywhere (group output keeps wide stores by default)
+  gn: g with narrow fp8 stores everywhere (group output: narrow by default only on triton 3.2's long d128
+      prefills)
   h:  b + vLLM's own per_token_group_quant_fp8(column_major_scales=True)   unfused (missing without vLLM)
   x:  the dense-Triton ceiling (benchmarks/dense_ceiling.py: contiguous K/V, one query head per tile, bf16
       out; the fastest of its CONFIGS, picked per shape) on prefills of equal lengths; checked against b
@@ -614,18 +615,30 @@ NCU_METRICS = ("gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.su
                "smsp__inst_executed.sum,smsp__sass_inst_executed_op_global_st.sum,"
                "lts__t_sectors_srcunit_tex_op_write.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,"
                "smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct,smsp__warp_issue_stalled_barrier_per_warp_active.pct,"
-               "smsp__warp_issue_stalled_wait_per_warp_active.pct,launch__shared_mem_per_block_dynamic")
+               "smsp__warp_issue_stalled_wait_per_warp_active.pct,launch__shared_mem_per_block_dynamic,"
+               "sm__cycles_active.avg,sm__cycles_active.max,gpc__cycles_elapsed.max,launch__grid_size,"
+               "sm__warps_active.avg.pct_of_peak_sustained_active,lts__t_sector_hit_rate.pct,"
+               "smsp__warp_issue_stalled_math_pipe_throttle_per_warp_active.pct,"
+               "smsp__warp_issue_stalled_short_scoreboard_per_warp_active.pct")
+NCU_SHAPES = ("prefill 1x4096", "prefill 4x2048")
 
 
 def ncu_probe():
-    """Under ncu: prefill 1x4096 (dense), fused (a) then bf16 (b), one launch each after a compile call."""
-    nm, ql, kl, Hq, Hkv, D = shapes()[0]
-    s = build(ql, kl, Hq, Hkv, D, 16)
-    fns = make_fns([s], ql, kl, D, torch.tensor([0.02], device="cuda"))
-    fns["a"](); fns["b"](); torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStart()
-    fns["a"](); fns["b"](); torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
+    """Under ncu, per NCU_SHAPES (dense new-token K/V): fused (a), bf16 (b), then the dense-Triton
+    ceiling (x, 128x128/8/2), one launch each after a compile call."""
+    import dense_ceiling
+    for nm, ql, kl, Hq, Hkv, D in (sh for sh in shapes() if sh[0] in NCU_SHAPES):
+        s = build(ql, kl, Hq, Hkv, D, 16)
+        fns = make_fns([s], ql, kl, D, torch.tensor([0.02], device="cuda"))
+        fns["x"] = lambda: dense_ceiling.dense_causal_attention(s["q"], s["key"], s["value"], s["out_bf"], len(ql),
+                                                                ql[0], dense_ceiling.CONFIGS[0])
+        for profiled in (False, True):  # compile, then the profiled launches
+            if profiled:
+                torch.cuda.cudart().cudaProfilerStart()
+            for v in ("a", "b", "x"):
+                fns[v]()
+            torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
 
 
 def child(args):
@@ -895,10 +908,10 @@ def parent(args):
     if args.ncu:
         with open(out_dir / "ncu.txt", "w") as f:
             for fam in fams:
-                f.write(f"== triton {fam}: prefill 1x4096 dense, launch 1 = fused fp8 (a), launch 2 = bf16 (b)\n")
+                f.write(f"== triton {fam}: per shape of {NCU_SHAPES}: fused fp8 (a), bf16 (b), dense ceiling (x)\n")
                 f.flush()
                 subprocess.run(["ncu", "--clock-control", "none", "--profile-from-start", "off",
-                                "-k", "regex:_paged_attn_fwd", "--metrics", NCU_METRICS, "--csv"]
+                                "-k", "regex:_paged_attn_fwd|_dense_causal_fwd", "--metrics", NCU_METRICS, "--csv"]
                                + me + ["--child", "--ncu-probe"], cwd=_ROOT, env=_env_for(fam, tdir, sites[fam]),
                                stdout=f, stderr=subprocess.STDOUT, timeout=240)
         print((out_dir / "ncu.txt").read_text()[-6000:], flush=True)
@@ -969,7 +982,8 @@ def main():
     ap.add_argument("--phase1-timeout", type=float, default=0,
                     help="seconds for tests + warm-up; processes still running then are killed (0: no limit)")
     ap.add_argument("--test-shards", type=int, default=4)
-    ap.add_argument("--ncu", action="store_true", help="ncu metrics of fused vs bf16 prefill under each triton")
+    ap.add_argument("--ncu", action="store_true",
+                    help="ncu metrics of fused, bf16 and dense-ceiling prefills (NCU_SHAPES) under each triton")
     ap.add_argument("--ncu-probe", action="store_true")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--warm-only", action="store_true")

@@ -278,42 +278,47 @@ def test_narrow_fp8_store_into_strided_out():
 
 @pytest.mark.parametrize("family", ["3.2", "3.6"])
 def test_narrow_fp8_store_rule(family, monkeypatch):
-    """Narrow stores by default for static-FP8 output of d128 prefills from 2048 query tokens (both
-    tritons), where the fp8 kernel then runs the bf16 kernel's config; elsewhere, and for group-scale
-    output unless forced, it keeps its own."""
+    """Narrow stores by default for FP8 output of d128 prefills from 2048 query tokens, where the fp8
+    kernel then runs the bf16 kernel's config: static scale on both tritons, group scale on triton 3.2
+    only; elsewhere (and where CONFIG_OVERRIDE says) it keeps its own."""
     monkeypatch.setattr(tpa, "_version_family", lambda: family)
     monkeypatch.setattr(tpa, "CONFIG_OVERRIDE", {})
     for d_pad, max_q, narrow in ((128, 2048, True), (128, 16384, True), (128, 2047, False), (64, 4096, False),
                                  (256, 4096, False)):
         assert tpa._narrow_fp8_store(d_pad, max_q) == narrow, (d_pad, max_q)
-        assert not tpa._narrow_fp8_store(d_pad, max_q, group=True), (d_pad, max_q)
+        assert tpa._narrow_fp8_store(d_pad, max_q, group=True) == (narrow and family == "3.2"), (d_pad, max_q)
     # wide fp8 stores of a long d128 prefill: triton 3.2 keeps the fp8 kernel's 128x64, not bf16's 128x128
     bf16, wide = (tpa._prefill_config(128, 4, False, 4096, 4096, wide_fp8_store=w) for w in (False, True))
     assert (bf16 == wide) == (family == "3.6"), (bf16, wide)
     tpa.CONFIG_OVERRIDE["narrow_fp8_store"] = 0
     assert tpa._narrow_fp8_store(64, 16) and tpa._narrow_fp8_store(128, 16, group=True)
     tpa.CONFIG_OVERRIDE["narrow_fp8_store"] = 1 << 62
-    assert not tpa._narrow_fp8_store(128, 4096)
+    assert not tpa._narrow_fp8_store(128, 4096) and not tpa._narrow_fp8_store(128, 4096, group=True)
 
 
 def test_narrow_fp8_store_wiring(monkeypatch):
-    """paged_attention picks the bf16 kernel's config exactly when its FP8 stores are narrow: static
-    output where _NARROW_FROM covers the prefill; group-scale output only where forced."""
+    """paged_attention picks the bf16 kernel's config exactly when its FP8 stores are narrow: static and
+    group-scale output each where _NARROW_FROM (or CONFIG_OVERRIDE) covers the prefill."""
     seen = []
     pick = tpa._prefill_config
     monkeypatch.setattr(tpa, "_prefill_config", lambda *a, **k: (seen.append(k["wide_fp8_store"]), pick(*a, **k))[1])
-    monkeypatch.setattr(tpa, "_NARROW_FROM", {64: 8})
     q, kc, vc, qsl, sl, bt = make_batch([8, 1], [8, 20], 4, 2, 64, 16, seed=3)
     args = (qsl, sl, bt, 8, 20, 0.125)
-    tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_scale=torch.tensor([0.02]))
-    tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_group_scale=torch.empty(q.shape[:2]))
-    tpa.paged_attention(q, kc, vc, poison(q.shape, torch.bfloat16), *args)
-    monkeypatch.setattr(tpa, "_NARROW_FROM", {64: 9})
-    tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_scale=torch.tensor([0.02]))
-    tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_group_scale=torch.empty(q.shape[:2]))
+
+    def run(static_from, group_from):  # -> wide_fp8_store of a static-FP8, a group-FP8 and a bf16 call
+        fam = tpa._version_family()
+        monkeypatch.setitem(tpa._NARROW_FROM, fam, {False: {64: static_from}, True: {64: group_from}})
+        tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_scale=torch.tensor([0.02]))
+        tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_group_scale=torch.empty(q.shape[:2]))
+        tpa.paged_attention(q, kc, vc, poison(q.shape, torch.bfloat16), *args)
+        return [seen.pop(0) for _ in range(3)]
+
+    assert run(8, 9) == [False, True, False]
+    assert run(9, 8) == [True, False, False]
     monkeypatch.setitem(tpa.CONFIG_OVERRIDE, "narrow_fp8_store", 8)
-    tpa.paged_attention(q, kc, vc, poison(q.shape, FP8), *args, output_group_scale=torch.empty(q.shape[:2]))
-    assert seen == [False, True, False, True, True, False], seen
+    assert run(9, 9) == [False, False, False]
+    monkeypatch.setitem(tpa.CONFIG_OVERRIDE, "narrow_fp8_store", 1 << 62)
+    assert run(8, 8) == [True, True, False]
 
 
 def test_zero_query_seq_and_pure_decode_padding():

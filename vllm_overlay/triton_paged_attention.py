@@ -660,19 +660,22 @@ _DECODE_CFGS = {
 
 # A prefill is "long" from this max_query_len on. FP8 output of a long d128 prefill uses narrow stores
 # (`_out_cols`; docs/kernel.md item 9) and the bf16 kernel's config, so it runs the bf16 kernel's main
-# loops: within 2% of bf16 out, where wide stores were 3-10% slower (H200, 2026-12-07, both tritons;
-# docs/benchmarks.md). Elsewhere wide stores are as fast or faster (d64 8x512: 9% faster).
+# loops. Static scale: within 2% of bf16 out, where wide stores were 3-10% slower (H200 and H100,
+# 2026-12-07, both tritons). Group scale on triton 3.2: 7-14% faster than wide stores (H100,
+# 2026-12-07); on 3.6 no faster (+4% to -1.5%, inside the rows' spread), so it keeps wide stores there.
+# Elsewhere wide stores are as fast or faster (d64 8x512: 9% faster). docs/benchmarks.md has the runs.
 # With the bf16 kernel's config the fused bytes are again those of quant(own bf16 output) (on triton 3.2
 # the fp8 kernel's 128x64 tiles sum in another order).
-# _NARROW_FROM[head_d_pad]: max_query_len from which static-FP8 stores are narrow (both triton families).
-# Group-scale FP8 output keeps wide stores unless CONFIG_OVERRIDE forces them: its narrow stores have
-# run only in the interpreter, neither timed nor checked on a GPU yet (docs/benchmarks.md).
+# _NARROW_FROM[family][group][head_d_pad]: max_query_len from which FP8 stores are narrow.
 _LONG_PREFILL = 2048
-_NARROW_FROM = {128: _LONG_PREFILL}
+_NARROW_FROM = {
+    "3.2": {False: {128: _LONG_PREFILL}, True: {128: _LONG_PREFILL}},
+    "3.6": {False: {128: _LONG_PREFILL}, True: {}},
+}
 
 
 def _narrow_fp8_store(head_d_pad: int, max_query_len: int, group: bool = False) -> bool:
-    default = 1 << 62 if group else _NARROW_FROM.get(head_d_pad, 1 << 62)
+    default = _NARROW_FROM[_version_family()][group].get(head_d_pad, 1 << 62)
     return max_query_len >= CONFIG_OVERRIDE.get("narrow_fp8_store", default)
 
 

@@ -158,10 +158,12 @@ CASES = [
     ("dense_prefill_bs16", [700, 333], [700, 333], 32, 8, 128, 16, {"dense": True}),
     ("dense_prefill_ctx_bs32_pad", [700, 333], [1500, 900], 32, 8, 128, 32, {"dense": True, "t_pad": 3}),
     ("dense_prefill_8x512", [512] * 8, [512] * 8, 32, 8, 128, 16, {"dense": True}),
-    # a long prefill with a decode and padding, narrow fp8 stores forced (the bf16 kernel's config, so
-    # byte-equal to quant(own bf16 out) on triton 3.2 too; not yet the default for group output)
-    ("dense_prefill_2048_dec_pad", [2048, 1], [2048, 700], 32, 8, 128, 16,
-     {"dense": True, "t_pad": 3, "narrow_from": 2048}),
+    # a long prefill with a decode and padding, the default stores: narrow on triton 3.2 (with the bf16
+    # kernel's config, so byte-equal to quant(own bf16 out) there too), wide on 3.6 (same config as bf16)
+    ("dense_prefill_2048_dec_pad", [2048, 1], [2048, 700], 32, 8, 128, 16, {"dense": True, "t_pad": 3}),
+    # the same with narrow stores forced from 1024 tokens (the other triton's choice of stores)
+    ("dense_prefill_1024_narrow", [1024, 1], [1024, 300], 32, 8, 128, 16,
+     {"dense": True, "t_pad": 1, "narrow_from": 1024}),
     ("decode_split_pad", [1] * 4, [16384, 100, 8000, 16000], 32, 8, 128, 16, {"split": True, "t_pad": 4}),
     ("decode_split_g5_bs32", [1] * 3, [9000, 3000, 12000], 40, 8, 128, 32, {"split": True}),
     ("decode_b64_ctx2048", [1] * 64, [2048] * 64, 32, 8, 128, 16, {}),
