@@ -310,10 +310,11 @@ def sdpa_fn(q_lens, kv_lens, Hq, D, scale, n_sets):
 
 def dense_fn(sets, q_lens, kv_lens, warm_only):
     """Variant x: (callable, config) with the fastest of dense_ceiling.CONFIGS (10 calls each), its bf16
-    output checked against b's on the first set; None unless all sequences are prefills of one length."""
+    output checked against b's on the first set; None unless all sequences are prefills of one length, a
+    multiple of every config's BLOCK_M."""
     import dense_ceiling
     L, B = q_lens[0], len(q_lens)
-    if len(set(q_lens)) != 1 or list(kv_lens) != list(q_lens) or L % 128:
+    if len(set(q_lens)) != 1 or list(kv_lens) != list(q_lens) or L % max(c[0] for c in dense_ceiling.CONFIGS):
         return None
     s0 = sets[0]
     meta = (s0["qsl"], s0["sl"], s0["bt"], L, L, 1.0 / math.sqrt(s0["q"].shape[-1]))
